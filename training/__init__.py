@@ -1,0 +1,1 @@
+"""Badit training: SuperNI data, routed ability adapters (BAD + DOG), training loop and evaluation."""

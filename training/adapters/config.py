@@ -1,0 +1,105 @@
+"""Typed, self-validating configuration of a routed adapter (Badit and its baselines)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+AdapterMethod = Literal["badit", "lora", "pissa", "loramoe", "badit_no_dog", "badit_no_bad"]
+InitMode = Literal["bad", "bad-residual", "lora", "pissa"]
+RouterMode = Literal["topk", "dense", "none"]
+
+
+class DogConfig(BaseModel):
+    """Dynamically orthogonal grouping (DOG): when and how rank-1 components are regrouped."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    enabled: bool = True
+    """Regroup components during training (False gives the 'w/o DOG' ablation)."""
+    schedule: Literal["epoch_first_half", "every_n_steps"] = "epoch_first_half"
+    """'epoch_first_half': at each epoch end during the first half of training (the paper's choice);
+    'every_n_steps': every `every_n_steps` optimiser steps."""
+    every_n_steps: int = Field(100, ge=1, le=1_000_000)
+    """Regroup period in optimiser steps when schedule is 'every_n_steps'."""
+    max_iters: int = Field(10, ge=1, le=100)
+    """Maximum orthogonalise-and-reassign iterations after the initial spherical k-means."""
+    kmeans_iters: int = Field(50, ge=1, le=1000)
+    """Maximum Lloyd iterations of the initial spherical k-means."""
+    seed: int = Field(0, ge=0)
+    """Seed of the k-means++ initialisation (identical on every data-parallel rank)."""
+
+
+class AdapterConfig(BaseModel):
+    """Which layers get routed experts, how many, how they are initialised and routed.
+
+    `method` picks a preset; the remaining fields default from it (see `resolved()`), and any field
+    given explicitly wins. Invalid combinations (e.g. top_k > num_experts) are rejected.
+    """
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    method: AdapterMethod = "badit"
+    """Preset: badit (BAD init + top-k router + DOG), lora, pissa, loramoe, badit_no_dog, badit_no_bad."""
+    target_modules: list[str] = Field(default_factory=lambda: ["gate_proj"], min_length=1)
+    """Names (last path component) of the nn.Linear modules to adapt, e.g. ['gate_proj']."""
+    num_experts: int | None = Field(None, ge=1, le=256)
+    """K, experts per adapted layer (badit/loramoe default 8; lora/pissa 1)."""
+    rank: int = Field(8, ge=1, le=1024)
+    """r, the rank of each expert."""
+    top_k: int | None = Field(None, ge=1, le=256)
+    """Experts selected per token (badit default 4; dense routers use all K)."""
+    alpha: float | None = Field(None, gt=0, le=4096)
+    """LoRA alpha; the scaling is s = alpha / r. Defaults to r (s = 1)."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the adapter input (training only)."""
+    init: InitMode | None = None
+    """Expert initialisation: bad (SVD delta, exact at init), bad-residual (paper's literal residual,
+    not exact under top-k), lora (A Kaiming, B zero), pissa (K=1 SVD residual)."""
+    router: RouterMode | None = None
+    """topk (softmax over the selected logits), dense (softmax over all K), none (K=1, weight 1)."""
+    gate_scale: float | None = Field(None, gt=0, le=256)
+    """Multiplier on the routing weights. Defaults to top_k for badit so that uniform logits give every
+    selected expert weight 1, as the paper's routing weights initialised to 1; 1.0 elsewhere."""
+    aux_loss_coef: float = Field(0.0, ge=0.0, le=10.0)
+    """Weight of the load-balancing auxiliary loss (0 disables it)."""
+    dog: DogConfig = Field(default_factory=DogConfig)
+    """Regrouping settings (only used by methods with DOG)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> AdapterConfig:
+        r = self.resolved_values()
+        if r["top_k"] > r["num_experts"]:
+            raise ValueError(f"adapter.top_k={r['top_k']} exceeds adapter.num_experts={r['num_experts']}")
+        if r["init"] == "pissa" and r["num_experts"] != 1:
+            raise ValueError("adapter.init='pissa' needs adapter.num_experts=1 (use 'bad' for K>1)")
+        if r["router"] == "none" and r["num_experts"] != 1:
+            raise ValueError("adapter.router='none' needs adapter.num_experts=1")
+        return self
+
+    def resolved_values(self) -> dict:
+        """Method preset merged with the explicitly given fields."""
+        presets: dict[str, dict] = {
+            "badit": dict(num_experts=8, top_k=4, init="bad", router="topk", dog=True),
+            "badit_no_dog": dict(num_experts=8, top_k=4, init="bad", router="topk", dog=False),
+            "badit_no_bad": dict(num_experts=8, top_k=4, init="lora", router="topk", dog=True),
+            "loramoe": dict(num_experts=8, top_k=8, init="lora", router="dense", dog=False),
+            "lora": dict(num_experts=1, top_k=1, init="lora", router="none", dog=False),
+            "pissa": dict(num_experts=1, top_k=1, init="pissa", router="none", dog=False),
+        }
+        p = presets[self.method]
+        num_experts = self.num_experts if self.num_experts is not None else p["num_experts"]
+        router = self.router if self.router is not None else p["router"]
+        default_top_k = num_experts if router in ("dense", "none") else min(p["top_k"], num_experts)
+        top_k = self.top_k if self.top_k is not None else default_top_k
+        default_gate_scale = float(top_k) if self.method in ("badit", "badit_no_dog", "badit_no_bad") else 1.0
+        return dict(
+            num_experts=num_experts,
+            top_k=top_k,
+            init=self.init if self.init is not None else p["init"],
+            router=router,
+            alpha=self.alpha if self.alpha is not None else float(self.rank),
+            gate_scale=self.gate_scale if self.gate_scale is not None else default_gate_scale,
+            dog=p["dog"] and self.dog.enabled,
+        )

@@ -1,0 +1,1 @@
+"""Command-line entry points (`badit-model`, `badit-data`, `badit-train`)."""

@@ -1,0 +1,186 @@
+"""Typed run configuration: one pydantic model per YAML section, loaded with dotted overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from training.adapters.config import AdapterConfig
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_SUPERNI_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "superni"
+"""`../shared/superni` beside the project root; override with `data.superni_dir`."""
+
+_STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class ModelConfig(BaseModel):
+    """The base model to adapt."""
+
+    model_config = _STRICT
+
+    name_or_path: str = DEFAULT_MODEL
+    """A local Hugging Face model directory, or the alias 'smollm2-135m-instruct' (prepared offline)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype of the frozen base weights (adapters always train in float32)."""
+
+
+class DataConfig(BaseModel):
+    """Which SuperNI tasks and how they become token sequences."""
+
+    model_config = _STRICT
+
+    superni_dir: Path = DEFAULT_SUPERNI_DIR
+    """Directory with one folder per task holding train.json and test.json (read in place, never copied)."""
+    tasks: list[str] | None = None
+    """Task names to use (None: every task folder in superni_dir, sorted)."""
+    max_train_per_task: int | None = Field(None, ge=1)
+    """Keep at most this many training instances per task (first N, deterministic)."""
+    max_test_per_task: int | None = Field(None, ge=1)
+    """Keep at most this many test instances per task (first N, deterministic)."""
+    prompt_format: Literal["chat", "raw"] = "chat"
+    """chat: the model's chat template (what the OpenAI chat API serves); raw: 'Definition: ... Output: '."""
+    max_length: int = Field(1024, ge=16, le=131072)
+    """Maximum tokens of prompt + response; the input text is cut, never the instruction or the answer."""
+    max_target_tokens: int = Field(50, ge=1, le=4096)
+    """Maximum response tokens kept for training (the answer is cut at its end beyond this)."""
+    reference_seed: int = Field(0, ge=0)
+    """Seed of the per-instance choice of one training reference among several."""
+
+
+class TrainConfig(BaseModel):
+    """Optimiser, schedule and training mode."""
+
+    model_config = _STRICT
+
+    mode: Literal["mixed", "sequential", "single"] = "mixed"
+    """mixed: all tasks shuffled together; sequential: one task after another; single: each task alone."""
+    task_order: list[str] | Literal["order1", "order2"] | None = None
+    """Sequential task order: a list of task names, 'order1'/'order2' from the SuperNI README, or None (seeded shuffle)."""
+    epochs: float = Field(10.0, gt=0, le=1000)
+    """Passes over the training data (per stage in sequential mode)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimiser steps (overrides epochs when smaller)."""
+    batch_size: int = Field(4, ge=1, le=4096)
+    """Sequences per micro-batch."""
+    grad_accum: int = Field(1, ge=1, le=4096)
+    """Micro-batches per optimiser step."""
+    lr: float = Field(2e-4, gt=0, le=1.0)
+    """Peak learning rate of AdamW."""
+    weight_decay: float = Field(0.0, ge=0, le=1.0)
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm (None: no clipping)."""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """Fraction of the steps spent warming up linearly from 0."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    autocast_bf16: bool | None = None
+    """bf16 autocast (None: on where the hardware supports it well, i.e. CUDA; fp32 on CPU)."""
+    seed: int = Field(0, ge=0)
+    """Seed of data order, dropout and initialisation."""
+
+
+class EvalConfig(BaseModel):
+    """Greedy-generation evaluation."""
+
+    model_config = _STRICT
+
+    max_new_tokens: int = Field(50, ge=1, le=4096)
+    """Generated tokens per test instance."""
+    batch_size: int = Field(16, ge=1, le=4096)
+    """Prompts per generation batch (left padded)."""
+    enabled: bool = True
+    """Evaluate at the end of training (and after each stage in sequential mode)."""
+
+
+class OutputConfig(BaseModel):
+    """Where a run writes and how often it checkpoints."""
+
+    model_config = _STRICT
+
+    dir: Path = Path("runs/latest")
+    """Run directory (config, metrics.jsonl, checkpoints, scores, report)."""
+    checkpoint_every: int | None = Field(None, ge=1)
+    """Save a resumable checkpoint every N optimiser steps (None: only at stage ends)."""
+    log_every: int = Field(10, ge=1)
+    """Write a metrics line every N optimiser steps."""
+
+
+class RunConfig(BaseModel):
+    """A complete Badit run: one YAML file in configs/ maps onto exactly this model."""
+
+    model_config = _STRICT
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """The base model."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """SuperNI data and prompt format."""
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    """Adapter method, experts, router and DOG."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """Optimiser, schedule and mode."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Evaluation."""
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    """Run directory and checkpointing."""
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message names the file and field."""
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML (`1e-4`, `[a, b]`)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {assignment!r} has an empty key component")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {assignment!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML run config (or the defaults when `path` is None) and apply dotted overrides."""
+    tree: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        tree = loaded or {}
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        lines = [f"{source}: invalid config"]
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from exc
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML (paths as strings), suitable for `load_config`."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
