@@ -1,0 +1,70 @@
+"""The routed-adapter math, defined once and shared by training, the reference loader and vLLM.
+
+For tokens x (T, d_in) with K experts of rank R each (A_e: (R, d_in), B_e: (d_out, R)):
+
+    delta(x) = s * sum_{e in TopK(x)} w_e(x) * B_e A_e x,    w = gate_scale * softmax(selected logits)
+
+Everything has static shapes: routing produces a dense (T, K) weight matrix via topk + scatter, and the
+experts run as two matmuls over their concatenation (K*R rows of A, K*R columns of B). No `.item()`, no
+data-dependent shapes, so the same code runs under torch.compile and CUDA graphs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+RouterMode = Literal["topk", "dense", "none"]
+
+
+def routing_weights(
+    logits: torch.Tensor, top_k: int, mode: RouterMode, gate_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense routing weights and the selection mask.
+
+    logits: (T, K) router logits (ignored values for mode 'none', which needs K == 1).
+    Returns weights (T, K) — zero outside the selected experts — and selected (T, K) bool.
+    """
+    if mode == "none":
+        selected = torch.ones_like(logits, dtype=torch.bool)  # (T, 1)
+        return torch.full_like(logits, gate_scale), selected
+    if mode == "dense":
+        weights = torch.softmax(logits.float(), dim=-1).to(logits.dtype) * gate_scale  # (T, K)
+        return weights, torch.ones_like(logits, dtype=torch.bool)
+    top_logits, top_idx = torch.topk(logits, top_k, dim=-1)  # (T, k), (T, k)
+    top_weights = torch.softmax(top_logits.float(), dim=-1).to(logits.dtype) * gate_scale  # (T, k)
+    weights = torch.zeros_like(logits).scatter(-1, top_idx, top_weights)  # (T, K)
+    selected = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top_idx, True)  # (T, K)
+    return weights, selected
+
+
+def routed_delta(
+    x: torch.Tensor, weights: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """The weighted sum of the experts' low-rank outputs.
+
+    x: (T, d_in); weights: (T, K); lora_a: (K*R, d_in), expert e's rows at [e*R, (e+1)*R);
+    lora_b: (d_out, K*R), expert e's columns likewise. Returns (T, d_out).
+    """
+    num_tokens, num_experts = weights.shape
+    rank = lora_a.shape[0] // num_experts
+    hidden = x @ lora_a.t()  # (T, K*R)
+    hidden = hidden.view(num_tokens, num_experts, rank) * weights.unsqueeze(-1)  # (T, K, R)
+    return (hidden.view(num_tokens, num_experts * rank) @ lora_b.t()) * scaling  # (T, d_out)
+
+
+def routed_delta_reference(
+    x: torch.Tensor, weights: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Slow per-token, per-expert loop computing the same as `routed_delta` (for tests only)."""
+    num_tokens, num_experts = weights.shape
+    rank = lora_a.shape[0] // num_experts
+    out = x.new_zeros(num_tokens, lora_b.shape[0])
+    for t in range(num_tokens):
+        for e in range(num_experts):
+            if weights[t, e] != 0:
+                a_e = lora_a[e * rank : (e + 1) * rank]  # (R, d_in)
+                b_e = lora_b[:, e * rank : (e + 1) * rank]  # (d_out, R)
+                out[t] += scaling * weights[t, e] * (b_e @ (a_e @ x[t]))
+    return out

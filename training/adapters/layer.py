@@ -1,0 +1,165 @@
+"""`RoutedAdapterLinear`: a frozen nn.Linear plus K routed low-rank experts (Badit and its baselines)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from badit_serve.routing import RouterMode, routed_delta, routing_weights
+from training.adapters.init import kaiming_lora_a, top_singular_components
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Resolved per-layer adapter hyper-parameters."""
+
+    num_experts: int
+    rank: int
+    top_k: int
+    scaling: float
+    gate_scale: float
+    router: RouterMode
+    init: str
+    dropout: float
+
+    @property
+    def num_components(self) -> int:
+        return self.num_experts * self.rank
+
+    @property
+    def is_delta(self) -> bool:
+        """BAD delta form: W stays frozen and experts train as B A - B0 A0 (exact at init)."""
+        return self.init == "bad"
+
+
+class RoutedAdapterLinear(nn.Module):
+    """y = base(x) + s * sum_{e in TopK(x)} w_e(x) * (B_e A_e [- B0_e A0_e]) dropout(x).
+
+    Parameters: `lora_a` (K*r, d_in), `lora_b` (d_out, K*r), `router.weight` (K, d_in) (absent when K=1).
+    Buffers: `lora_a0`/`lora_b0` (delta form only), `component_ids` (K*r,) — each slot's original SVD
+    index (or its initial slot for LoRA init) — and `singular_values` (K*r,), both moved by regrouping.
+    """
+
+    def __init__(self, base: nn.Linear, spec: LayerSpec, generator: torch.Generator | None = None):
+        super().__init__()
+        self.spec = spec
+        self.base = base
+        for param in base.parameters():
+            param.requires_grad_(False)
+        d_out, d_in = base.weight.shape
+        n = spec.num_components
+        self.in_features, self.out_features = d_in, d_out
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.router: nn.Linear | None = None
+        if spec.router != "none":
+            self.router = nn.Linear(d_in, spec.num_experts, bias=False)
+            bound = 1.0 / d_in**0.5
+            with torch.no_grad():
+                self.router.weight.copy_(torch.empty(spec.num_experts, d_in).uniform_(-bound, bound, generator=generator))
+        self.register_buffer("lora_a0", None)
+        self.register_buffer("lora_b0", None)
+        self.register_buffer("component_ids", torch.arange(n))
+        self.register_buffer("singular_values", torch.zeros(n))
+        if spec.init == "lora":
+            lora_a, lora_b = kaiming_lora_a(n, d_in, generator), torch.zeros(d_out, n)
+        else:  # bad, bad-residual, pissa: the top K*r singular components
+            lora_a, lora_b, sing = top_singular_components(base.weight, n, spec.scaling)
+            self.singular_values.copy_(sing)
+            if spec.is_delta:
+                self.lora_a0, self.lora_b0 = lora_a.clone(), lora_b.clone()
+            else:  # literal residual: the frozen weight loses what the experts now carry
+                with torch.no_grad():
+                    residual = base.weight.float() - spec.scaling * (lora_b @ lora_a)  # (d_out, d_in)
+                    base.weight.copy_(residual.to(base.weight.dtype))
+        self.lora_a = nn.Parameter(lora_a.contiguous())
+        self.lora_b = nn.Parameter(lora_b.contiguous())
+        # DOG signal: gradients of each component's factors summed since the last regroup (never d_out x d_in).
+        self.register_buffer("dog_grad_a", torch.zeros_like(lora_a), persistent=False)
+        self.register_buffer("dog_grad_b", torch.zeros_like(lora_b), persistent=False)
+        self.register_buffer("dog_steps", torch.zeros((), dtype=torch.long), persistent=False)
+        self.last_aux_loss: torch.Tensor | None = None
+        self.last_load: torch.Tensor | None = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits (T, K), dense weights (T, K) and selection mask (T, K) for tokens x (T, d_in)."""
+        if self.router is None:
+            logits = x.new_zeros(x.shape[0], 1, dtype=torch.float32)  # (T, 1)
+        else:
+            logits = self.router(x.to(self.router.weight.dtype))  # (T, K)
+        weights, selected = routing_weights(logits, self.spec.top_k, self.spec.router, self.spec.gate_scale)
+        return logits, weights, selected
+
+    def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The servable factors: A (K*R, d_in), B (d_out, K*R) with R = r, or 2r in the delta form
+        (expert e's block is [A_e; A0_e] and [B_e, -B0_e]) — what the export writes."""
+        if not self.spec.is_delta:
+            return self.lora_a, self.lora_b
+        k, r = self.spec.num_experts, self.spec.rank
+        a = torch.cat([self.lora_a.view(k, r, -1), self.lora_a0.view(k, r, -1)], dim=1)  # (K, 2r, d_in)
+        b = torch.cat([self.lora_b.view(-1, k, r), -self.lora_b0.view(-1, k, r)], dim=2)  # (d_out, K, 2r)
+        return a.reshape(k * 2 * r, -1), b.reshape(-1, k * 2 * r)  # (K*2r, d_in), (d_out, K*2r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)  # (..., d_out)
+        flat = x.reshape(-1, self.in_features)  # (T, d_in)
+        logits, weights, selected = self.route(flat)
+        adapter_in = self.dropout(flat).to(self.lora_a.dtype)  # (T, d_in)
+        weights = weights.to(self.lora_a.dtype)
+        s = self.spec.scaling
+        delta = routed_delta(adapter_in, weights, self.lora_a, self.lora_b, s)  # (T, d_out)
+        if self.spec.is_delta:  # separate call: bitwise-identical terms cancel exactly at init
+            delta = delta - routed_delta(adapter_in, weights, self.lora_a0, self.lora_b0, s)
+        if self.training:
+            self._record_router_stats(logits, selected)
+        return out + delta.view(*x.shape[:-1], self.out_features).to(out.dtype)
+
+    def _record_router_stats(self, logits: torch.Tensor, selected: torch.Tensor) -> None:
+        """Keep this forward's expert load and Switch-style balance loss (overwritten, never summed,
+        so a recomputation under gradient checkpointing cannot count twice)."""
+        load = selected.float().mean(0)  # (K,) fraction of tokens selecting each expert
+        self.last_load = load.detach()
+        if self.router is None or self.spec.router != "topk":
+            self.last_aux_loss = None
+            return
+        probs = torch.softmax(logits.float(), dim=-1).mean(0)  # (K,)
+        self.last_aux_loss = self.spec.num_experts * torch.sum(load / self.spec.top_k * probs)
+
+    @torch.no_grad()
+    def accumulate_dog_signal(self) -> None:
+        """Add the current gradients of A and B (after any all-reduce) to the DOG accumulators."""
+        if self.lora_a.grad is None or self.lora_b.grad is None:
+            return
+        self.dog_grad_a += self.lora_a.grad.float()
+        self.dog_grad_b += self.lora_b.grad.float()
+        self.dog_steps += 1
+
+    def dog_signal(self) -> torch.Tensor:
+        """Per-component signal (K*r, d_in + d_out): component i's A-row and B-column gradients."""
+        return torch.cat([self.dog_grad_a, self.dog_grad_b.t()], dim=1)
+
+    @torch.no_grad()
+    def permute_components(self, perm: torch.Tensor) -> None:
+        """New slot j takes old component perm[j]: rows of A (A0), columns of B (B0), ids, singular values.
+        The DOG accumulators restart from zero."""
+        n = self.spec.num_components
+        if perm.shape != (n,) or not torch.equal(torch.sort(perm).values, torch.arange(n, device=perm.device)):
+            raise ValueError(f"not a permutation of {n} components: {perm.tolist()}")
+        self.lora_a.copy_(self.lora_a[perm])
+        self.lora_b.copy_(self.lora_b[:, perm])
+        if self.spec.is_delta:
+            self.lora_a0.copy_(self.lora_a0[perm])
+            self.lora_b0.copy_(self.lora_b0[:, perm])
+        self.component_ids.copy_(self.component_ids[perm])
+        self.singular_values.copy_(self.singular_values[perm])
+        self.dog_grad_a.zero_()
+        self.dog_grad_b.zero_()
+        self.dog_steps.zero_()
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (
+            f"in={self.in_features}, out={self.out_features}, experts={s.num_experts}, rank={s.rank}, "
+            f"top_k={s.top_k}, router={s.router}, init={s.init}, scaling={s.scaling:g}, gate_scale={s.gate_scale:g}"
+        )
