@@ -81,6 +81,8 @@ class RoutedAdapterLinear(nn.Module):
         self.register_buffer("dog_steps", torch.zeros((), dtype=torch.long), persistent=False)
         self.last_aux_loss: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
+        self.selection_counts: torch.Tensor | None = None
+        """When set to a (K,) tensor, every forward adds its per-expert selected-token counts (measurement)."""
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits (T, K), dense weights (T, K) and selection mask (T, K) for tokens x (T, d_in)."""
@@ -113,6 +115,8 @@ class RoutedAdapterLinear(nn.Module):
             delta = delta - routed_delta(adapter_in, weights, self.lora_a0, self.lora_b0, s)
         if self.training:
             self._record_router_stats(logits, selected)
+        if self.selection_counts is not None:
+            self.selection_counts += selected.sum(0).to(self.selection_counts)
         return out + delta.view(*x.shape[:-1], self.out_features).to(out.dtype)
 
     def _record_router_stats(self, logits: torch.Tensor, selected: torch.Tensor) -> None:

@@ -1,0 +1,86 @@
+"""Reference loader: a Badit export as a plain transformers model with routed layers (no vLLM).
+
+Used for parity tests (training forward == export == vLLM) and by users on plain transformers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from badit_serve.export_io import ExportError, LoadedExport, load_export
+from badit_serve.format import BaditBlock
+from badit_serve.routing import routed_delta, routing_weights
+
+
+class RoutedLinear(nn.Module):
+    """Inference-time routed layer: y = residual(x) + s * sum_{e in TopK(x)} w_e(x) B_e A_e x."""
+
+    def __init__(self, base: nn.Linear, block: BaditBlock, experts: dict[str, torch.Tensor]):
+        super().__init__()
+        self.base = base
+        self.block = block
+        self.lora_a = nn.Parameter(experts["lora_a"].float(), requires_grad=False)  # (K*R, d_in)
+        self.lora_b = nn.Parameter(experts["lora_b"].float(), requires_grad=False)  # (d_out, K*R)
+        router = experts.get("router")
+        self.router = None if router is None else nn.Parameter(router.float(), requires_grad=False)  # (K, d_in)
+        self.last_selected: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)  # (..., d_out)
+        flat = x.reshape(-1, x.shape[-1]).float()  # (T, d_in)
+        if self.router is None:
+            logits = flat.new_zeros(flat.shape[0], 1)  # (T, 1)
+        else:
+            logits = flat @ self.router.t()  # (T, K)
+        b = self.block
+        weights, selected = routing_weights(logits, b.top_k, b.router, b.gate_scale)
+        self.last_selected = selected
+        delta = routed_delta(flat, weights, self.lora_a, self.lora_b, b.scaling)  # (T, d_out)
+        return out + delta.view(*x.shape[:-1], -1).to(out.dtype)
+
+
+def _load_base_weights(model: nn.Module, bundle: LoadedExport) -> None:
+    """Load the base tensors with an explicit check: every expected tensor present with its shape."""
+    expected = model.state_dict()
+    given = bundle.base_tensors()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    missing = sorted(k for k in expected if k not in given and not (tied and k == "lm_head.weight"))
+    if missing:
+        raise ExportError(f"{bundle.path}: base tensor(s) missing: {missing[:5]}")
+    extra = sorted(k for k in given if k not in expected)
+    if extra:
+        raise ExportError(f"{bundle.path}: unexpected tensor(s): {extra[:5]}")
+    for name, tensor in given.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ExportError(
+                f"{bundle.path}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(given, strict=False)
+    if tied:
+        model.tie_weights()
+
+
+def load_reference_model(
+    export_dir: str | Path, dtype: torch.dtype = torch.float32, verify_checksums: bool = True
+) -> nn.Module:
+    """Validate an export and build the routed transformers model from it (in eval mode)."""
+    bundle = load_export(export_dir, verify_checksums=verify_checksums)
+    config = AutoConfig.from_pretrained(bundle.path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _load_base_weights(model, bundle)
+    for module_name in bundle.block.adapted_modules:
+        try:
+            base = model.get_submodule(module_name)
+        except AttributeError as exc:
+            raise ExportError(f"{bundle.path}: adapted module {module_name!r} not found in the model") from exc
+        if not isinstance(base, nn.Linear):
+            raise ExportError(f"{bundle.path}: adapted module {module_name!r} is not an nn.Linear")
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, RoutedLinear(base, bundle.block, bundle.expert_tensors(module_name)))
+    model.badit_block = bundle.block
+    model.badit_routing_table = bundle.routing_table
+    return model.eval()

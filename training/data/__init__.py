@@ -1,0 +1,42 @@
+"""SuperNI data: loading, prompt building and tokenization, batching, statistics."""
+
+from training.data.collate import collate_prompts, collate_train
+from training.data.prompts import (
+    IGNORE_INDEX,
+    PromptFormat,
+    TrainExample,
+    build_prompt,
+    choose_reference,
+    encode,
+    encode_eval_prompt,
+    encode_train,
+)
+from training.data.superni import (
+    DataError,
+    Instance,
+    Task,
+    list_tasks,
+    load_raw_task,
+    load_task,
+    load_tasks,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataError",
+    "Instance",
+    "PromptFormat",
+    "Task",
+    "TrainExample",
+    "build_prompt",
+    "choose_reference",
+    "collate_prompts",
+    "collate_train",
+    "encode",
+    "encode_eval_prompt",
+    "encode_train",
+    "list_tasks",
+    "load_raw_task",
+    "load_task",
+    "load_tasks",
+]

@@ -1,0 +1,161 @@
+"""Turn an adapted training model into a Badit export directory (format: `badit_serve.format`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from badit_serve.export_io import write_export
+from badit_serve.format import (
+    BaditBlock,
+    Component,
+    ExpertEntry,
+    LayerEntry,
+    RoutingTable,
+    expert_prefix,
+)
+from training.adapters import AdapterConfig, adapted_layers
+from training.adapters.apply import ADAPTER_CONFIG_ATTR
+
+COPIED_MODEL_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+
+
+def export_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Base weights with residuals in place of adapted weights, plus every layer's servable factors."""
+    layers = adapted_layers(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        owner = next((name for name in layers if key.startswith(f"{name}.")), None)
+        if owner is None:
+            tensors[key] = value
+        elif key.startswith(f"{owner}.base."):
+            tensors[f"{owner}.{key[len(owner) + len('.base.'):]}"] = value
+    if getattr(model.config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    for name, layer in layers.items():
+        prefix = expert_prefix(name)
+        lora_a, lora_b = layer.expert_factors()
+        tensors[f"{prefix}.lora_a"] = lora_a.detach().float()
+        tensors[f"{prefix}.lora_b"] = lora_b.detach().float()
+        if layer.router is not None:
+            tensors[f"{prefix}.router"] = layer.router.weight.detach().float()
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def badit_block(model: nn.Module) -> BaditBlock:
+    """The config.json `badit` block describing the model's adapted layers."""
+    config: AdapterConfig = getattr(model, ADAPTER_CONFIG_ATTR)
+    layers = adapted_layers(model)
+    spec = next(iter(layers.values())).spec
+    architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
+    return BaditBlock(
+        method=config.method,
+        init=spec.init,
+        base_architecture=architectures[0],
+        num_experts=spec.num_experts,
+        rank=spec.rank * (2 if spec.is_delta else 1),
+        train_rank=spec.rank,
+        top_k=spec.top_k,
+        scaling=spec.scaling,
+        gate_scale=spec.gate_scale,
+        router=spec.router,
+        target_modules=list(config.target_modules),
+        adapted_modules=list(layers),
+    )
+
+
+def _label(shares: dict[str, float], top: int = 2) -> str | None:
+    if not shares:
+        return None
+    ranked = sorted(shares, key=lambda task: (-shares[task], task))[:top]
+    return "+".join(task.split("_", 1)[0] for task in ranked)
+
+
+def routing_table(
+    model: nn.Module,
+    dog_history: list[dict] | None = None,
+    task_shares: dict[str, dict[str, list[float]]] | None = None,
+) -> RoutingTable:
+    """Components per expert (original SVD index and singular value), DOG history and, when measured,
+    per-expert task shares: task_shares[module][task][expert] = share of the task's tokens selecting it."""
+    entries = []
+    aggregate: dict[int, dict[str, float]] = {}
+    for name, layer in adapted_layers(model).items():
+        r = layer.spec.rank
+        ids, sing = layer.component_ids.tolist(), layer.singular_values.tolist()
+        experts = []
+        for e in range(layer.spec.num_experts):
+            shares = {task: per_expert[e] for task, per_expert in (task_shares or {}).get(name, {}).items()}
+            for task, share in shares.items():
+                aggregate.setdefault(e, {}).setdefault(task, 0.0)
+                aggregate[e][task] += share
+            components = [Component(svd_index=ids[j], singular_value=sing[j]) for j in range(e * r, (e + 1) * r)]
+            experts.append(ExpertEntry(expert=e, components=components, label=_label(shares), task_shares=shares))
+        entries.append(LayerEntry(module=name, experts=experts))
+    labels = {str(e): label for e, shares in aggregate.items() if (label := _label(shares)) is not None}
+    return RoutingTable(layers=entries, dog_history=dog_history or [], expert_labels=labels)
+
+
+@torch.no_grad()
+def measure_task_shares(
+    model: nn.Module, sequences_by_task: dict[str, Iterable[list[int]]]
+) -> dict[str, dict[str, list[float]]]:
+    """Run each task's token sequences through the model (one at a time, so no padding is counted) and
+    return, per adapted module, per task, the share of the task's tokens that selected each expert."""
+    layers = adapted_layers(model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    result: dict[str, dict[str, list[float]]] = {name: {} for name in layers}
+    try:
+        for task, sequences in sequences_by_task.items():
+            for layer in layers.values():
+                layer.selection_counts = torch.zeros(layer.spec.num_experts, dtype=torch.float64, device=device)
+            tokens = 0
+            for ids in sequences:
+                model(input_ids=torch.tensor([ids], device=device))
+                tokens += len(ids)
+            for name, layer in layers.items():
+                result[name][task] = (layer.selection_counts / max(tokens, 1)).tolist()
+    finally:
+        for layer in layers.values():
+            layer.selection_counts = None
+        model.train(was_training)
+    return result
+
+
+def export_model(
+    model: nn.Module,
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    dog_history: list[dict] | None = None,
+    task_shares: dict[str, dict[str, list[float]]] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write `model` (adapted, from the base directory `model_dir`) as a self-contained export."""
+    config = model.config.to_dict()
+    config.pop("badit", None)
+    copy_files = [model_dir / f for f in COPIED_MODEL_FILES if (model_dir / f).is_file()]
+    return write_export(
+        Path(out_dir),
+        config=config,
+        block=badit_block(model),
+        tensors=export_tensors(model),
+        routing_table=routing_table(model, dog_history, task_shares),
+        copy_files=copy_files,
+        force=force,
+    )
