@@ -47,7 +47,9 @@ def test_rouge_l_takes_best_reference() -> None:
 
 def test_rouge_l_stems() -> None:
     assert rouge_l("running", ["run"]) == pytest.approx(100.0)
-    assert rouge_l("The dogs were running", ["the dog was run"]) > rouge_l("The cats sat", ["the dog was run"])
+    assert rouge_l("The dogs were running", ["the dog was run"]) > rouge_l(
+        "The cats sat", ["the dog was run"]
+    )
 
 
 def test_scores_reject_missing_references() -> None:
@@ -187,7 +189,9 @@ def _greedy_ids(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
 def test_batched_left_padded_matches_one_at_a_time(llama) -> None:
     model, tok = llama
     prompts = _prompts(tok)
-    kwargs = dict(max_new_tokens=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, progress=False)
+    kwargs = dict(
+        max_new_tokens=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, progress=False
+    )
     batched = generate_predictions(model, tok, prompts, batch_size=5, **kwargs)
     in_twos = generate_predictions(model, tok, prompts, batch_size=2, **kwargs)
     singles = [generate_predictions(model, tok, [p], batch_size=1, **kwargs)[0] for p in prompts]
@@ -205,7 +209,9 @@ def test_batched_left_padded_matches_one_at_a_time(llama) -> None:
 def test_generation_restores_mode(llama) -> None:
     model, tok = llama
     prompts = _prompts(tok)[:2]
-    kwargs = dict(max_new_tokens=2, batch_size=2, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    kwargs = dict(
+        max_new_tokens=2, batch_size=2, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     model.train()
     try:
         generate_predictions(model, tok, prompts, progress=False, **kwargs)
@@ -246,11 +252,16 @@ def test_evaluate_tasks(llama) -> None:
     assert scores["beta"].ids == ["beta-0", "beta-1"]
     for task in tasks:
         prompts = [encode_eval_prompt(tok, task, inst, "chat", 256, 5) for inst in task.test]
-        expected = generate_predictions(model, tok, prompts, 5, 1, tok.eos_token_id, tok.pad_token_id, progress=False)
+        expected = generate_predictions(
+            model, tok, prompts, 5, 1, tok.eos_token_id, tok.pad_token_id, progress=False
+        )
         assert scores[task.name].predictions == expected
         assert scores[task.name].rouge_l == pytest.approx(score_task(expected, task.test).rouge_l)
     # references equal to the predictions: every instance matches exactly
     echo = [_task(t.name, [i.input for i in t.test], scores[t.name].predictions) for t in tasks]
-    assert all(s.exact_match == 100.0 for s in evaluate_tasks(model, tok, echo, "chat", 256, cfg, progress=False).values())
+    assert all(
+        s.exact_match == 100.0
+        for s in evaluate_tasks(model, tok, echo, "chat", 256, cfg, progress=False).values()
+    )
     with pytest.raises(ValueError, match="no test instances"):
         evaluate_tasks(model, tok, [Task("empty", "d", [], [], Path("."))], "chat", 256, cfg, progress=False)

@@ -99,6 +99,8 @@ class EvalConfig(BaseModel):
     """Prompts per generation batch (left padded)."""
     enabled: bool = True
     """Evaluate at the end of training (and after each stage in sequential mode)."""
+    single_run: Path | None = None
+    """Run directory of a `single`-mode run on the same tasks: enables the Forward metric."""
 
 
 class OutputConfig(BaseModel):

@@ -38,7 +38,9 @@ def _size(a: Matrix) -> int:
 
 def _need_two_stages(size: int, name: str) -> None:
     if size < 2:
-        raise ValueError(f"{name} needs at least 2 stages (it averages over the T-1 earlier tasks), got T = {size}")
+        raise ValueError(
+            f"{name} needs at least 2 stages (it averages over the T-1 earlier tasks), got T = {size}"
+        )
 
 
 def _check_single(single: Sequence[float], size: int) -> None:

@@ -62,7 +62,12 @@ class TaskScore:
 
     def summary(self) -> dict[str, str | float | int]:
         """The compact form (no ids or predictions), e.g. for a scores JSON."""
-        return {"task": self.task, "rouge_l": self.rouge_l, "exact_match": self.exact_match, "count": self.count}
+        return {
+            "task": self.task,
+            "rouge_l": self.rouge_l,
+            "exact_match": self.exact_match,
+            "count": self.count,
+        }
 
 
 def score_task(predictions: list[str], instances: Sequence[Instance]) -> TaskScore:

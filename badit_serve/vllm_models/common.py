@@ -1,0 +1,54 @@
+"""`BaditCausalLMMixin`: turns a vLLM *ForCausalLM into its Badit counterpart.
+
+Mixed in before the vLLM class (`class BaditLlamaForCausalLM(BaditCausalLMMixin, LlamaForCausalLM)`): it
+validates the config's `badit` block, lets the vLLM class build itself, swaps each adapted decoder layer's
+MLP for a `BaditMLP` (reusing its fused gate_up_proj, down_proj and activation), and loads the expert
+tensors itself while the vLLM loader loads everything else (the residual gate_proj included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from badit_serve.format import BaditBlock
+from badit_serve.vllm_models.mlp import (
+    BaditMLP,
+    check_coverage,
+    expected_expert_names,
+    install_badit_mlps,
+    read_badit_block,
+    split_expert_weights,
+)
+
+
+class BaditCausalLMMixin:
+    """Routed gate_proj experts on top of a vLLM causal LM class (see the module docstring)."""
+
+    badit_block: BaditBlock
+    badit_mlps: dict[str, BaditMLP]
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:  # vllm_config: vllm.config.VllmConfig
+        block = read_badit_block(vllm_config.model_config.hf_config)  # fail before building anything
+        super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
+        self.badit_block = block
+        self.badit_mlps = install_badit_mlps(self, block)  # type: ignore[arg-type]
+        check_coverage(self.badit_mlps, block, self._badit_is_missing)
+
+    def _badit_is_missing(self, name: str) -> bool:
+        """True for names of layers that live on another pipeline-parallel rank."""
+        from vllm.model_executor.models.utils import is_pp_missing_parameter
+
+        return is_pp_missing_parameter(name, self)  # type: ignore[arg-type]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Expert tensors (`*.badit_*`) into the BaditMLPs, everything else through the vLLM loader."""
+        params = dict(self.named_parameters())  # type: ignore[attr-defined]
+        loaded: set[str] = set()
+        base = split_expert_weights(weights, params, self._badit_is_missing, loaded)
+        loaded_base = super().load_weights(base)  # type: ignore[misc]
+        missing = [n for n in expected_expert_names(self.badit_block) if n not in loaded and not self._badit_is_missing(n)]
+        if missing:
+            raise ValueError(f"expert tensor(s) {missing[:3]} missing from the checkpoint")
+        return loaded | set(loaded_base)

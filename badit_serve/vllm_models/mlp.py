@@ -1,0 +1,173 @@
+"""The routed MLP shared by every Badit vLLM model class, and the glue to install and load it.
+
+`BaditMLP` keeps vLLM's fused `gate_up_proj` (MergedColumnParallelLinear, the frozen residual gate and the
+up projection) and adds the routed expert delta to the gate half before the activation:
+
+    gate_up = gate_up_proj(x)                                   # (T, 2 * I_local)
+    gate_up[:, :I_local] += routed_delta(x, routing_weights(x @ router.T), lora_a, lora_b_local, s)
+
+using `badit_serve.routing` (the same functions training and the reference loader use), in float32 like
+the reference, the delta cast back to the model dtype. Tensor parallelism: `lora_a` and `router` are
+replicated; `lora_b` is sharded along d_out exactly like the gate half (rows [rank * I_local, ...)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from badit_serve.format import BaditBlock, expert_prefix
+from badit_serve.routing import routed_delta, routing_weights
+from badit_serve.vllm_models.routing_stats import ensure_registered, record_routing
+
+EXPERT_MARK = ".badit_"
+"""Every expert tensor name contains this (`<prefix>.badit_gate.lora_a`); no base tensor does."""
+SUPPORTED_TARGETS = ["gate_proj"]
+
+
+def read_badit_block(hf_config: object) -> BaditBlock:
+    """The validated `badit` block of the served config; only gate_proj experts can be served."""
+    raw = getattr(hf_config, "badit", None)
+    if not isinstance(raw, dict):
+        raise ValueError(
+            "this model's config.json has no 'badit' block: Badit*ForCausalLM classes serve Badit exports only"
+        )
+    block = BaditBlock.model_validate(raw)
+    if list(block.target_modules) != SUPPORTED_TARGETS:
+        raise ValueError(
+            f"badit.target_modules={block.target_modules} cannot be served: the vLLM Badit classes route "
+            f"experts on the MLP gate projection only (target_modules must be exactly {SUPPORTED_TARGETS})"
+        )
+    return block
+
+
+class BaditGate(nn.Module):
+    """The routed experts of one gate_proj: `lora_a` (K*R, d_in) and `router` (K, d_in) replicated,
+    `lora_b` (I_local, K*R) this rank's rows of the (d_out, K*R) tensor. All float32."""
+
+    def __init__(self, block: BaditBlock, d_in: int, d_out_local: int, tp_rank: int) -> None:
+        super().__init__()
+        n = block.num_experts * block.rank
+        self.tp_rank = tp_rank
+        self.lora_a = nn.Parameter(torch.empty(n, d_in, dtype=torch.float32), requires_grad=False)
+        self.lora_b = nn.Parameter(torch.empty(d_out_local, n, dtype=torch.float32), requires_grad=False)
+        self.lora_b.weight_loader = self._load_lora_b  # type: ignore[attr-defined]
+        self.router: nn.Parameter | None = None
+        if block.router != "none":
+            self.router = nn.Parameter(torch.empty(block.num_experts, d_in, dtype=torch.float32), requires_grad=False)
+
+    def _load_lora_b(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        """Narrow the full (d_out, K*R) tensor to this rank's rows (the identity with TP=1)."""
+        rows = param.shape[0]
+        shard = loaded.narrow(0, self.tp_rank * rows, rows)  # (I_local, K*R)
+        _copy_checked(param, shard)
+
+
+def _copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(f"expert tensor of shape {tuple(loaded.shape)} does not fit parameter {tuple(param.shape)}")
+    param.data.copy_(loaded.to(param.dtype))
+
+
+class BaditMLP(nn.Module):
+    """gate_up_proj (+ routed delta on the gate half) -> act_fn -> down_proj."""
+
+    def __init__(
+        self,
+        block: BaditBlock,
+        gate_up_proj: nn.Module,
+        down_proj: nn.Module,
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        tp_rank: int,
+    ) -> None:
+        super().__init__()
+        self.block = block
+        self.gate_up_proj = gate_up_proj
+        self.down_proj = down_proj
+        self.act_fn = act_fn
+        self.intermediate_local = int(gate_up_proj.output_partition_sizes[0])
+        self.badit_gate = BaditGate(block, int(gate_up_proj.input_size), self.intermediate_local, tp_rank)
+        # Routing statistics of the real tokens (see routing_stats); not parameters, not in checkpoints.
+        self.register_buffer("expert_tokens", torch.zeros(block.num_experts, dtype=torch.int64), persistent=False)
+        self.register_buffer("router_weight_sums", torch.zeros(block.num_experts, dtype=torch.float64), persistent=False)
+        self.record_stats = True
+        ensure_registered()
+
+    def routed_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (T, d_in) -> the routed delta (T, I_local) in float32; records the routing statistics."""
+        b, gate = self.block, self.badit_gate
+        flat = x.float()  # (T, d_in)
+        if gate.router is None:
+            logits = flat.new_zeros(flat.shape[0], 1)  # (T, 1)
+        else:
+            logits = flat @ gate.router.t()  # (T, K)
+        weights, selected = routing_weights(logits, b.top_k, b.router, b.gate_scale)  # (T, K), (T, K)
+        if self.record_stats:
+            record_routing(selected, weights, self.expert_tokens, self.router_weight_sums)
+        return routed_delta(flat, weights, gate.lora_a, gate.lora_b, b.scaling)  # (T, I_local)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)  # (T, 2 * I_local)
+        delta = self.routed_delta(x.reshape(-1, x.shape[-1]))  # (T, I_local)
+        gate_up[..., : self.intermediate_local] += delta.view(*gate_up.shape[:-1], -1).to(gate_up.dtype)
+        out, _ = self.down_proj(self.act_fn(gate_up))  # (T, d_model)
+        return out
+
+
+def install_badit_mlps(model: nn.Module, block: BaditBlock) -> dict[str, BaditMLP]:
+    """Replace the MLP of every decoder layer whose gate_proj is adapted with a `BaditMLP` that reuses its
+    gate_up_proj, down_proj and act_fn. `model` is the *ForCausalLM (module names relative to it, as in
+    the checkpoint). Returns gate module name -> BaditMLP."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    tp_rank = get_tensor_model_parallel_rank()
+    adapted = set(block.adapted_modules)
+    installed: dict[str, BaditMLP] = {}
+    for name, module in list(model.named_modules()):
+        mlp = getattr(module, "mlp", None)
+        gate_name = f"{name}.mlp.gate_proj" if name else "mlp.gate_proj"
+        if mlp is None or gate_name not in adapted:
+            continue
+        for attr in ("gate_up_proj", "down_proj", "act_fn"):
+            if not hasattr(mlp, attr):
+                raise ValueError(f"{name}.mlp ({type(mlp).__name__}) has no {attr}: not a gated MLP Badit can serve")
+        routed = BaditMLP(block, mlp.gate_up_proj, mlp.down_proj, mlp.act_fn, tp_rank)
+        module.mlp = routed
+        installed[gate_name] = routed
+    return installed
+
+
+def check_coverage(installed: dict[str, BaditMLP], block: BaditBlock, is_missing: Callable[[str], bool]) -> None:
+    """Every adapted module of the export must be a routed MLP here (or live on another PP rank)."""
+    absent = [m for m in block.adapted_modules if m not in installed and not is_missing(m)]
+    if absent:
+        raise ValueError(f"badit.adapted_modules {absent[:3]} do not match any decoder-layer MLP of this model")
+
+
+def split_expert_weights(
+    weights: Iterable[tuple[str, torch.Tensor]],
+    params: dict[str, nn.Parameter],
+    is_missing: Callable[[str], bool],
+    loaded: set[str],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Load every `*.badit_*` tensor into `params` (adding its name to `loaded`) and yield the rest."""
+    for name, tensor in weights:
+        if EXPERT_MARK not in name:
+            yield name, tensor
+            continue
+        if name not in params:
+            if is_missing(name):  # a layer of another pipeline stage
+                continue
+            raise ValueError(f"expert tensor {name!r} has no parameter in this model")
+        param = params[name]
+        loader = getattr(param, "weight_loader", _copy_checked)
+        loader(param, tensor)
+        loaded.add(name)
+
+
+def expected_expert_names(block: BaditBlock) -> list[str]:
+    """The checkpoint names of all expert tensors of the export."""
+    suffixes = ["lora_a", "lora_b"] + ([] if block.router == "none" else ["router"])
+    return [f"{expert_prefix(m)}.{s}" for m in block.adapted_modules for s in suffixes]

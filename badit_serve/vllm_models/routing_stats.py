@@ -1,0 +1,69 @@
+"""The `vllm.badit_record_routing` custom op: per-expert routing statistics accumulated on the device.
+
+Called from every `BaditMLP` forward with the layer's (T, K) selection mask and routing weights. It adds,
+over the REAL tokens of the batch only, the selected-token count per expert into an int64 (K,) buffer and
+the routing-weight sum per expert into a float64 (K,) buffer. Everything stays on the device: no `.item()`,
+no host sync, no data-dependent shapes.
+
+Padding rows: vLLM 0.32's model runner (the CPU runner inherits `GPUModelRunner`) passes
+`is_padding=` to `set_forward_context`, a bool (num_tokens_padded,) view of a persistent buffer that is True
+for the rows past `num_tokens_unpadded`; `get_forward_context().is_padding` exposes it. It is a persistent
+buffer, so a CUDA-graph capture of this op reads the live mask on replay. When there is no forward context
+or no mask (tests, other runners) every row counts.
+
+The op is registered as a mutating custom op (`mutates_args` = the two buffers), so torch.compile keeps it
+(a side-effect-free op would be dead-code eliminated) and treats it as opaque. It counts unconditionally —
+profiling and warm-up runs included — so the host-side collector zeroes the buffers when the server says
+start (see `badit_serve.expert_metrics`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+OP_NAME = "badit_record_routing"
+
+
+def _record_routing(
+    selected: torch.Tensor, weights: torch.Tensor, expert_tokens: torch.Tensor, weight_sums: torch.Tensor
+) -> None:
+    """selected: (T, K) bool; weights: (T, K) float; expert_tokens: (K,) int64; weight_sums: (K,) float64."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    real = None
+    if is_forward_context_available():
+        is_padding = get_forward_context().is_padding
+        if is_padding is not None and is_padding.shape[0] == selected.shape[0]:
+            real = (~is_padding).unsqueeze(-1)  # (T, 1)
+    if real is not None:
+        selected = selected & real  # (T, K)
+        weights = weights * real  # (T, K)
+    expert_tokens.add_(selected.sum(dim=0, dtype=torch.int64))  # (K,)
+    weight_sums.add_(weights.sum(dim=0, dtype=torch.float64))  # (K,)
+
+
+def _record_routing_fake(
+    selected: torch.Tensor, weights: torch.Tensor, expert_tokens: torch.Tensor, weight_sums: torch.Tensor
+) -> None:
+    return None
+
+
+def ensure_registered() -> None:
+    """Register `torch.ops.vllm.badit_record_routing` once per process."""
+    if hasattr(torch.ops.vllm, OP_NAME):
+        return
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    direct_register_custom_op(
+        op_name=OP_NAME,
+        op_func=_record_routing,
+        mutates_args=["expert_tokens", "weight_sums"],
+        fake_impl=_record_routing_fake,
+    )
+
+
+def record_routing(
+    selected: torch.Tensor, weights: torch.Tensor, expert_tokens: torch.Tensor, weight_sums: torch.Tensor
+) -> None:
+    """Accumulate one layer's routing statistics of this forward pass (see the module docstring)."""
+    torch.ops.vllm.badit_record_routing(selected, weights, expert_tokens, weight_sums)

@@ -1,0 +1,35 @@
+"""Small trained Badit exports of the tiny models, for the vLLM parity and serving tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from training.adapters import (
+    AdapterConfig,
+    accumulate_dog_signal,
+    apply_adapters,
+    regroup,
+    trainable_parameters,
+)
+from training.export import export_model
+
+
+def make_export(model_dir: Path, out_dir: Path, method: str = "badit", steps: int = 3, seed: int = 0) -> Path:
+    """Adapt the tiny model at `model_dir`, train a few steps (so experts and routers are non-trivial),
+    regroup once, and export it to `out_dir`."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    apply_adapters(model, AdapterConfig(method=method, rank=4, dropout=0.0), seed=seed)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
+    model.train()
+    for step in range(steps):
+        ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(step))
+        model(input_ids=ids, labels=ids).loss.backward()
+        accumulate_dog_signal(model)
+        optimizer.step()
+        optimizer.zero_grad()
+    regroup(model, optimizer)
+    return export_model(model.eval(), model_dir, out_dir)

@@ -1,0 +1,119 @@
+"""Resumable checkpoints: adapter weights, optimiser/scheduler, RNG states, data position, DOG state.
+
+A checkpoint is a directory `checkpoints/step-<global step>` holding `state.pt`, written to a temporary
+name and renamed; `checkpoints/latest` names the newest complete one.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.adapters import adapted_layers, adapter_state_dict, load_adapter_state_dict
+
+STATE_FILE = "state.pt"
+LATEST_FILE = "latest"
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def dog_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The DOG accumulators (signal since the last regroup) of every adapted layer."""
+    state = {}
+    for name, layer in adapted_layers(model).items():
+        state[f"{name}.dog_grad_a"] = layer.dog_grad_a.clone()
+        state[f"{name}.dog_grad_b"] = layer.dog_grad_b.clone()
+        state[f"{name}.dog_steps"] = layer.dog_steps.clone()
+    return state
+
+
+def load_dog_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    for name, layer in adapted_layers(model).items():
+        layer.dog_grad_a.copy_(state[f"{name}.dog_grad_a"])
+        layer.dog_grad_b.copy_(state[f"{name}.dog_grad_b"])
+        layer.dog_steps.copy_(state[f"{name}.dog_steps"])
+
+
+def save_checkpoint(
+    run_dir: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    progress: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Atomically write a checkpoint; `progress` holds the data position, stage and results so far."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"step-{progress['global_step']:07d}"
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
+    try:
+        torch.save(
+            {
+                "adapter": adapter_state_dict(model),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                "dog": dog_state(model),
+                "progress": progress,
+            },
+            staging / STATE_FILE,
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    latest_tmp = root / f".{LATEST_FILE}.tmp"
+    latest_tmp.write_text(target.name)
+    latest_tmp.replace(root / LATEST_FILE)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "checkpoints" / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    return path if (path / STATE_FILE).is_file() else None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    file = path / STATE_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no checkpoint state")
+    return torch.load(file, map_location="cpu", weights_only=False)
+
+
+def restore_training_state(
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> None:
+    load_adapter_state_dict(model, state["adapter"])
+    load_dog_state(model, state["dog"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])

@@ -1,0 +1,44 @@
+"""Causal-LM loss on response positions only: logits are computed just where labels are set.
+
+The logits over a 49k vocabulary dominate memory for full sequences; projecting only the response
+positions (a few dozen per example) keeps batch 4 x 512 well within a CPU's memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+IGNORE_INDEX = -100
+
+
+class ResponseLoss(nn.Module):
+    """Wraps a causal LM so that `forward(batch)` returns (summed response loss, response token count).
+
+    Wrapping (rather than calling submodules from the loop) lets DistributedDataParallel hook its forward.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return response_loss(self.model, batch)
+
+
+def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over response tokens and their count (a 0-d tensor).
+
+    batch: input_ids (B, T), attention_mask (B, T), labels (B, T) with IGNORE_INDEX on prompt/padding.
+    """
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]  # (B, T-1) token t+1 is predicted at position t
+    positions = targets != IGNORE_INDEX  # (B, T-1)
+    selected = hidden[:, :-1][positions]  # (N, d)
+    logits = model.lm_head(selected).float()  # (N, V)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma2
+        logits = torch.tanh(logits / cap) * cap
+    loss = F.cross_entropy(logits, targets[positions], reduction="sum")
+    return loss, positions.sum()
