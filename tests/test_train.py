@@ -1,0 +1,101 @@
+"""badit-train on a tiny model: every method through the CLI, kill-and-resume equality, sequential mode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.checkpoint import latest_checkpoint, load_checkpoint
+from training.cli.export import main as export_main
+from training.cli.train import main as train_main
+from training.config import load_config
+from training.run import RunError, run
+
+TASKS = ["task363_sst2_polarity_classification", "task073_commonsenseqa_answer_generation", "task1290_xsum_summarization"]
+
+
+def _overrides(model_dir: Path, superni_dir: Path, out: Path, **extra: object) -> list[str]:
+    base = {
+        "model.name_or_path": str(model_dir),
+        "data.superni_dir": str(superni_dir),
+        "data.tasks": "[" + ", ".join(TASKS[:2]) + "]",
+        "data.max_train_per_task": 6,
+        "data.max_test_per_task": 2,
+        "data.max_length": 256,
+        "data.max_target_tokens": 8,
+        "adapter.rank": 2,
+        "train.batch_size": 2,
+        "train.max_steps": 3,
+        "train.lr": 0.01,
+        "eval.max_new_tokens": 4,
+        "eval.batch_size": 4,
+        "output.dir": str(out),
+        "output.log_every": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _cli(overrides: list[str], *flags: str) -> int:
+    args = ["--no-progress", *flags]
+    for item in overrides:
+        args += ["--set", item]
+    return train_main(args)
+
+
+@pytest.mark.parametrize("method", ["badit", "lora", "pissa", "loramoe", "badit_no_dog", "badit_no_bad"])
+def test_every_method_trains_evaluates_and_exports(tiny_model_dirs, superni_dir, tmp_path, method, capsys) -> None:
+    out = tmp_path / "run"
+    extra = {"adapter.method": method, "adapter.dog.schedule": "every_n_steps", "adapter.dog.every_n_steps": 2}
+    assert _cli(_overrides(tiny_model_dirs["llama"], superni_dir, out, **extra)) == 0
+    assert "Rouge-L" in capsys.readouterr().out
+    for name in ("config.yaml", "metrics.jsonl", "scores.json", "report.md", "plots/loss.png"):
+        assert (out / name).is_file(), name
+    scores = json.loads((out / "scores.json").read_text())
+    assert set(scores["final"]) == set(TASKS[:2]) and len(scores["matrix"]) == 1
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    regroups = [e for e in events if e["event"] == "regroup"]
+    assert len(regroups) == (1 if method in ("badit", "badit_no_bad") else 0)
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]
+    assert export_main([str(out), str(tmp_path / "export")]) == 0
+    assert (tmp_path / "export" / "badit_manifest.json").is_file()
+
+
+def test_run_dir_with_results_needs_force(tiny_model_dirs, superni_dir, tmp_path) -> None:
+    overrides = _overrides(tiny_model_dirs["llama"], superni_dir, tmp_path / "run", **{"eval.enabled": "false"})
+    assert _cli(overrides) == 0
+    with pytest.raises(RunError, match="--force"):
+        run(load_config(None, overrides), tmp_path / "run", show_progress=False)
+    assert _cli(overrides, "--force") == 0
+
+
+def test_killed_run_resumes_to_identical_weights(tiny_model_dirs, superni_dir, tmp_path) -> None:
+    extra = {"train.max_steps": 6, "output.checkpoint_every": 1, "adapter.dropout": 0.1, "eval.enabled": "false",
+             "adapter.dog.schedule": "every_n_steps", "adapter.dog.every_n_steps": 4, "train.grad_accum": 2}
+    whole = load_config(None, _overrides(tiny_model_dirs["qwen3"], superni_dir, tmp_path / "whole", **extra))
+    run(whole, show_progress=False)
+    killed = load_config(None, _overrides(tiny_model_dirs["qwen3"], superni_dir, tmp_path / "killed", **extra))
+    with pytest.raises(KeyboardInterrupt):
+        run(killed, show_progress=False, interrupt_at=3)
+    assert load_checkpoint(latest_checkpoint(tmp_path / "killed"))["progress"]["global_step"] == 3
+    run(killed, resume=True, show_progress=False)
+    a = load_checkpoint(latest_checkpoint(tmp_path / "whole"))["adapter"]
+    b = load_checkpoint(latest_checkpoint(tmp_path / "killed"))["adapter"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_sequential_mode_evaluates_every_task_after_each_stage(tiny_model_dirs, superni_dir, tmp_path) -> None:
+    extra = {"train.mode": "sequential", "data.tasks": "[" + ", ".join(TASKS) + "]", "train.task_order": "[" + ", ".join(reversed(TASKS)) + "]",
+             "train.max_steps": 1}
+    cfg = load_config(None, _overrides(tiny_model_dirs["gemma2"], superni_dir, tmp_path / "run", **extra))
+    scores = run(cfg, show_progress=False)
+    assert scores["tasks"] == list(reversed(TASKS))
+    assert len(scores["matrix"]) == 3 and all(len(row) == 3 and None not in row for row in scores["matrix"])
+    assert set(scores["continual"]) >= {"rouge", "forget_rate", "backward"}
+    preds = (tmp_path / "run" / "predictions" / "stage-02.jsonl").read_text().splitlines()
+    assert len(preds) == 3 * 2
