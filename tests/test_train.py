@@ -99,3 +99,32 @@ def test_sequential_mode_evaluates_every_task_after_each_stage(tiny_model_dirs, 
     assert set(scores["continual"]) >= {"rouge", "forget_rate", "backward"}
     preds = (tmp_path / "run" / "predictions" / "stage-02.jsonl").read_text().splitlines()
     assert len(preds) == 3 * 2
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks_match_one_process(tiny_model_dirs, superni_dir, tmp_path) -> None:
+    """DDP (gloo, 2 processes) computes the same global-batch gradients: same weights, same regroups."""
+    import subprocess
+    import sys
+
+    extra = {"train.max_steps": 4, "adapter.dropout": 0.0, "eval.enabled": "false", "train.batch_size": 4,
+             "adapter.dog.schedule": "every_n_steps", "adapter.dog.every_n_steps": 2}
+    single = load_config(None, _overrides(tiny_model_dirs["llama"], superni_dir, tmp_path / "one", **extra))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in each rank (OMP_NUM_THREADS=1): identical SVD initialisation
+    try:
+        run(single, show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "training.cli.train", "--no-progress"]
+    for item in _overrides(tiny_model_dirs["llama"], superni_dir, tmp_path / "ddp", **extra):
+        args += ["--set", item]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_checkpoint(latest_checkpoint(tmp_path / "one"))["adapter"]
+    b = load_checkpoint(latest_checkpoint(tmp_path / "ddp"))["adapter"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
+        if key.endswith("component_ids"):
+            assert torch.equal(a[key], b[key])

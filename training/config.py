@@ -65,7 +65,7 @@ class TrainConfig(BaseModel):
     max_steps: int | None = Field(None, ge=1)
     """Stop after this many optimiser steps (overrides epochs when smaller)."""
     batch_size: int = Field(4, ge=1, le=4096)
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch, summed over data-parallel ranks (each rank takes batch_size / world size)."""
     grad_accum: int = Field(1, ge=1, le=4096)
     """Micro-batches per optimiser step."""
     lr: float = Field(2e-4, gt=0, le=1.0)

@@ -16,6 +16,7 @@ from training.adapters import apply_adapters
 from training.checkpoint import latest_checkpoint, load_checkpoint, restore_training_state, save_checkpoint
 from training.config import RunConfig, dump_config, load_config
 from training.data import Task, encode_eval_prompt, encode_train, load_tasks
+from training.distributed import barrier, init_from_env
 from training.eval import continual_metrics, evaluate_tasks, mixed_forward
 from training.export import measure_task_shares
 from training.model_store import resolve_model
@@ -101,9 +102,14 @@ def run(
 ) -> dict[str, Any]:
     """Train and evaluate per `cfg`; returns the scores dict also written to scores.json."""
     run_dir = Path(run_dir or cfg.output.dir)
+    world = init_from_env()
     if resume and (run_dir / CONFIG_FILE).is_file():
         cfg = load_config(run_dir / CONFIG_FILE)
-    state = prepare_run_dir(cfg, run_dir, resume, force)
+    if world.is_main or resume:
+        state = prepare_run_dir(cfg, run_dir, resume, force)
+    barrier(world)
+    if not world.is_main and not resume:
+        state = None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _seed_everything(cfg.train.seed)
     model_dir = resolve_model(cfg.model.name_or_path)
@@ -135,20 +141,24 @@ def run(
             cfg=cfg, run_dir=run_dir, log=log, stage=stage, stage_name=stage_name, pad_id=tokenizer.pad_token_id,
             global_step=progress["global_step"] - (progress["stage_step"] if resume_state else 0),
             progress_extra={"rows": rows, "order": [t.name for t in ordered]},
-            resume_state=resume_state, show_progress=show_progress, interrupt_at=interrupt_at,
+            resume_state=resume_state, show_progress=show_progress, interrupt_at=interrupt_at, world=world,
         )
         result = train_stage(model, examples, ctx)
         eval_tasks = stage_tasks if mode == "single" else ordered
         row: dict[str, Any] = {"stage": stage, "stage_name": stage_name, "step": result.global_step, "scores": {}}
-        if cfg.eval.enabled:
+        if cfg.eval.enabled and world.is_main:
             scores = evaluate_tasks(model, tokenizer, eval_tasks, d.prompt_format, d.max_length, cfg.eval, progress=show_progress)
             row["scores"] = {name: {"rouge_l": s.rouge_l, "exact_match": s.exact_match, "count": s.count} for name, s in scores.items()}
             _write_predictions(run_dir, stage, scores)
         rows.append(row)
-        log.write({"event": "eval", **row})
         progress = {"stage": stage + 1, "stage_step": 0, "global_step": result.global_step, "rows": rows,
                     "order": [t.name for t in ordered]}
-        save_checkpoint(run_dir, model=model, optimizer=result.optimizer, scheduler=result.scheduler, progress=progress)
+        if world.is_main:
+            log.write({"event": "eval", **row})
+            save_checkpoint(run_dir, model=model, optimizer=result.optimizer, scheduler=result.scheduler, progress=progress)
+        barrier(world)
+    if not world.is_main:
+        return {}
     single_scores = _single_scores(cfg.eval.single_run) if cfg.eval.single_run else None
     results = summarize_scores(mode, [t.name for t in ordered], rows, single_scores)
     _write_json(run_dir / SCORES_FILE, results)

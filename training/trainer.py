@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from training.adapters import (
 from training.checkpoint import restore_training_state, save_checkpoint
 from training.config import RunConfig
 from training.data import TrainExample, collate_train
+from training.distributed import World, barrier, sum_across
 from training.loss import IGNORE_INDEX, ResponseLoss
 from training.schedule import make_scheduler, regroup_due, steps_per_epoch, total_steps
 
@@ -70,6 +72,8 @@ class StageContext:
     interrupt_at: int | None = None
     """Test hook: raise KeyboardInterrupt right after this global step (after its checkpoint)."""
     on_regroup: Callable[[dict[str, Any]], None] | None = None
+    world: World = field(default_factory=World)
+    """Data-parallel world: each rank takes every size-th example of a step; rank 0 logs and saves."""
 
 
 def _micro_batches(examples: list[TrainExample], indices: list[int], batch_size: int, pad_id: int) -> list[dict]:
@@ -77,6 +81,12 @@ def _micro_batches(examples: list[TrainExample], indices: list[int], batch_size:
         collate_train([examples[i] for i in indices[k : k + batch_size]], pad_id)
         for k in range(0, len(indices), batch_size)
     ]
+
+
+def _sum_float(value: float, device: torch.device) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return float(tensor.item())
 
 
 def _autocast(cfg: RunConfig, device: torch.device):
@@ -103,30 +113,38 @@ def train_stage(model: nn.Module, examples: list[TrainExample], ctx: StageContex
     if ctx.resume_state is not None:
         restore_training_state(ctx.resume_state, model, optimizer, scheduler)
         start = ctx.resume_state["progress"]["stage_step"]
-    loss_module = ResponseLoss(model)
+    loss_module: nn.Module = ResponseLoss(model)
+    world = ctx.world
+    if world.enabled:  # gradients are all-reduced before the DOG signal is accumulated
+        loss_module = nn.parallel.DistributedDataParallel(loss_module, broadcast_buffers=False)
     if tcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     probe = collate_train(examples[: min(4, len(examples))], ctx.pad_id)
     probe = {k: v.to(device) for k, v in probe.items()}
     use_dog = cfg.adapter.resolved_values()["dog"]
     model.train()
-    bar = tqdm(range(start, total), desc=f"train {ctx.stage_name}", disable=not ctx.show_progress, initial=start, total=total)
+    show = ctx.show_progress and world.is_main
+    bar = tqdm(range(start, total), desc=f"train {ctx.stage_name}", disable=not show, initial=start, total=total)
     global_step = ctx.global_step + start
     for step in bar:
         indices = example_order(len(examples), range(step * per_step, (step + 1) * per_step), tcfg.seed, ctx.stage)
-        batches = _micro_batches(examples, indices, tcfg.batch_size, ctx.pad_id)
-        tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        indices = indices[world.rank :: world.size]  # this rank's share of the global batch
+        batches = _micro_batches(examples, indices, max(1, tcfg.batch_size // world.size), ctx.pad_id)
+        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        tokens = max(sum_across(world, local_tokens, device), 1)  # response tokens of the global batch
         loss_total, aux_total = 0.0, 0.0
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with _autocast(cfg, device):
+        for k, batch in enumerate(batches):
+            batch = {key: v.to(device) for key, v in batch.items()}
+            sync = k == len(batches) - 1 or not world.enabled
+            with _autocast(cfg, device), (loss_module.no_sync() if not sync else contextlib.nullcontext()):
                 loss_sum, _ = loss_module(batch)
-                loss = loss_sum / max(tokens, 1)
+                # DDP averages gradients over ranks; scaling by world size makes it the global token mean.
+                loss = loss_sum / tokens * world.size
                 aux = collect_aux_loss(model)
                 if aux is not None and cfg.adapter.aux_loss_coef > 0:
                     loss = loss + cfg.adapter.aux_loss_coef * aux / len(batches)
-            loss.backward()
-            loss_total += loss_sum.item() / max(tokens, 1)
+                loss.backward()
+            loss_total += loss_sum.item() / tokens
             aux_total += aux.item() / len(batches) if aux is not None else 0.0
         if tcfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(trainable_parameters(model), tcfg.max_grad_norm)
@@ -137,7 +155,9 @@ def train_stage(model: nn.Module, examples: list[TrainExample], ctx: StageContex
         optimizer.zero_grad(set_to_none=True)
         global_step += 1
         bar.set_postfix(loss=f"{loss_total:.3f}")
-        if (step + 1) % cfg.output.log_every == 0 or step + 1 == total:
+        if world.enabled:
+            loss_total = _sum_float(loss_total, device)
+        if world.is_main and ((step + 1) % cfg.output.log_every == 0 or step + 1 == total):
             load = router_load(model)
             mean_load = [sum(col) / len(col) for col in zip(*load.values(), strict=True)] if load else None
             ctx.log.write(
@@ -147,13 +167,16 @@ def train_stage(model: nn.Module, examples: list[TrainExample], ctx: StageContex
         if use_dog and regroup_due(step + 1, total, per_epoch, cfg.adapter.dog) and len(adapted_layers(model)):
             report = regroup(model, optimizer, probe, cfg.adapter.dog)
             event = {"event": "regroup", "stage": ctx.stage, "step": global_step, **report.summary(), "layers": report.to_dict()["layers"]}
-            ctx.log.write(event)
+            if world.is_main:
+                ctx.log.write(event)
             if ctx.on_regroup is not None:
                 ctx.on_regroup(event)
         every = cfg.output.checkpoint_every
         if every and (step + 1) % every == 0 and step + 1 < total:
             progress = {**ctx.progress_extra, "stage": ctx.stage, "stage_step": step + 1, "global_step": global_step}
-            save_checkpoint(ctx.run_dir, model=model, optimizer=optimizer, scheduler=scheduler, progress=progress)
+            if world.is_main:
+                save_checkpoint(ctx.run_dir, model=model, optimizer=optimizer, scheduler=scheduler, progress=progress)
+            barrier(world)
         if ctx.interrupt_at is not None and global_step == ctx.interrupt_at:
             raise KeyboardInterrupt(f"interrupted after step {global_step} (test hook)")
     if tcfg.gradient_checkpointing:

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunError, DataError, ModelNotFoundError) as exc:
         print(f"badit-train: error: {exc}", file=sys.stderr)
         return 2
-    print(_summary(scores, run_dir))
+    if scores:  # empty on non-main data-parallel ranks
+        print(_summary(scores, run_dir))
     return 0
 
 
