@@ -17,6 +17,7 @@ from badit_serve.reference import load_reference_model
 from training.adapters import (
     AdapterConfig,
     accumulate_dog_signal,
+    adapted_layers,
     apply_adapters,
     regroup,
     trainable_parameters,
@@ -150,3 +151,32 @@ def test_interrupted_export_leaves_nothing(tiny_model_dirs: dict[str, Path], tmp
     with pytest.raises(KeyboardInterrupt):
         export_model(model, tiny_model_dirs["llama"], tmp_path / "export")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dense_export_of_an_untrained_adapter_reproduces_the_base_model(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    from training.export import export_dense, measure_routing
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["qwen3"], dtype=torch.float32).eval()
+    model = apply_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["qwen3"], dtype=torch.float32), AdapterConfig(rank=4), seed=0).eval()
+    _, mean_weights = measure_routing(model, {"t": [[5, 6, 7, 8, 9]]})
+    assert all(sum(w) == pytest.approx(4.0) for w in mean_weights.values())  # gate_scale = top_k: weights sum to 4
+    dense = AutoModelForCausalLM.from_pretrained(export_dense(model, tiny_model_dirs["qwen3"], tmp_path / "dense", mean_weights), dtype=torch.float32)
+    ids = torch.randint(3, 1000, (2, 10), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(dense(ids).logits, base(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_dense_export_folds_experts_by_mean_weight(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """With a dense router whose weights are constant, folding is exact: dense == routed."""
+    from training.export import export_dense
+
+    config = AdapterConfig(method="loramoe", rank=4, dropout=0.0)
+    model = apply_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"], dtype=torch.float32), config, seed=0)
+    with torch.no_grad():
+        for layer in adapted_layers(model).values():
+            layer.router.weight.zero_()  # uniform softmax: every token weighs each expert 1/8
+            layer.lora_b.normal_(0, 0.05)
+    model.eval()
+    uniform = {name: [1 / 8] * 8 for name in adapted_layers(model)}
+    dense = AutoModelForCausalLM.from_pretrained(export_dense(model, tiny_model_dirs["llama"], tmp_path / "dense", uniform), dtype=torch.float32)
+    ids = torch.randint(3, 1000, (2, 10), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(dense(ids).logits, model(ids).logits, atol=1e-5, rtol=0)

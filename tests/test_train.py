@@ -60,8 +60,10 @@ def test_every_method_trains_evaluates_and_exports(tiny_model_dirs, superni_dir,
     regroups = [e for e in events if e["event"] == "regroup"]
     assert len(regroups) == (1 if method in ("badit", "badit_no_bad") else 0)
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]
-    assert export_main([str(out), str(tmp_path / "export")]) == 0
+    dense = ["--dense"] if method in ("badit", "loramoe") else []
+    assert export_main([str(out), str(tmp_path / "export"), *dense]) == 0
     assert (tmp_path / "export" / "badit_manifest.json").is_file()
+    assert (tmp_path / "export-dense" / "model.safetensors").is_file() == bool(dense)
 
 
 def test_run_dir_with_results_needs_force(tiny_model_dirs, superni_dir, tmp_path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from badit_serve.export_io import write_export
+from badit_serve.export_io import ExportError, write_export
 from badit_serve.format import (
     BaditBlock,
     Component,
@@ -110,31 +110,64 @@ def routing_table(
 
 
 @torch.no_grad()
-def measure_task_shares(
+def measure_routing(
     model: nn.Module, sequences_by_task: dict[str, Iterable[list[int]]]
-) -> dict[str, dict[str, list[float]]]:
-    """Run each task's token sequences through the model (one at a time, so no padding is counted) and
-    return, per adapted module, per task, the share of the task's tokens that selected each expert."""
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[float]]]:
+    """Run each task's token sequences through the model (one at a time, so no padding is counted).
+
+    Returns (task_shares, mean_weights): task_shares[module][task][expert] = share of the task's tokens
+    that selected the expert; mean_weights[module][expert] = mean routing weight over all tokens.
+    """
     layers = adapted_layers(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    result: dict[str, dict[str, list[float]]] = {name: {} for name in layers}
+    shares: dict[str, dict[str, list[float]]] = {name: {} for name in layers}
+    weight_totals = {name: torch.zeros(layer.spec.num_experts, dtype=torch.float64) for name, layer in layers.items()}
+    all_tokens = 0
     try:
         for task, sequences in sequences_by_task.items():
             for layer in layers.values():
                 layer.selection_counts = torch.zeros(layer.spec.num_experts, dtype=torch.float64, device=device)
+                layer.weight_sums = torch.zeros(layer.spec.num_experts, dtype=torch.float64, device=device)
             tokens = 0
             for ids in sequences:
                 model(input_ids=torch.tensor([ids], device=device))
                 tokens += len(ids)
+            all_tokens += tokens
             for name, layer in layers.items():
-                result[name][task] = (layer.selection_counts / max(tokens, 1)).tolist()
+                shares[name][task] = (layer.selection_counts / max(tokens, 1)).tolist()
+                weight_totals[name] += layer.weight_sums.cpu()
     finally:
         for layer in layers.values():
             layer.selection_counts = None
+            layer.weight_sums = None
         model.train(was_training)
-    return result
+    mean_weights = {name: (total / max(all_tokens, 1)).tolist() for name, total in weight_totals.items()}
+    return shares, mean_weights
+
+
+def measure_task_shares(
+    model: nn.Module, sequences_by_task: dict[str, Iterable[list[int]]]
+) -> dict[str, dict[str, list[float]]]:
+    """Per module, per task, the share of the task's tokens that selected each expert."""
+    return measure_routing(model, sequences_by_task)[0]
+
+
+def dense_tensors(model: nn.Module, mean_weights: dict[str, list[float]]) -> dict[str, torch.Tensor]:
+    """Plain base-architecture weights: every expert folded into its weight by its mean routing weight,
+    W' = R + s * sum_e wbar_e B_e A_e (servable by any engine, no plugin)."""
+    layers = adapted_layers(model)
+    tensors = {k: v for k, v in export_tensors(model).items() if ".badit_" not in k}
+    for name, layer in layers.items():
+        lora_a, lora_b = layer.expert_factors()  # (K*R, d_in), (d_out, K*R)
+        k = layer.spec.num_experts
+        rank = lora_a.shape[0] // k
+        wbar = torch.tensor(mean_weights[name], dtype=torch.float32).repeat_interleave(rank)  # (K*R,)
+        fold = layer.spec.scaling * (lora_b.detach().float() * wbar[None, :]) @ lora_a.detach().float()  # (d_out, d_in)
+        weight = tensors[f"{name}.weight"]
+        tensors[f"{name}.weight"] = (weight.float() + fold).to(weight.dtype)
+    return tensors
 
 
 def export_model(
@@ -159,3 +192,54 @@ def export_model(
         copy_files=copy_files,
         force=force,
     )
+
+
+def write_plain_model(
+    out_dir: Path, config: dict, tensors: dict[str, torch.Tensor], copy_files: list[Path], force: bool = False
+) -> Path:
+    """A standard transformers directory (base architecture), written atomically."""
+    import json
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise ExportError(f"{out_dir}: already exists (use --force to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial.", dir=out_dir.parent))
+    try:
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        for src in copy_files:
+            shutil.copy2(src, staging / src.name)
+        staging.chmod(0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+@torch.no_grad()
+def mean_kl(model_p: nn.Module, model_q: nn.Module, sequences: Iterable[list[int]]) -> float:
+    """Mean over tokens of KL(p || q) between the two models' next-token distributions."""
+    total, count = 0.0, 0
+    for ids in sequences:
+        x = torch.tensor([ids])
+        log_p = torch.log_softmax(model_p(input_ids=x).logits.float(), dim=-1)  # (1, T, V)
+        log_q = torch.log_softmax(model_q(input_ids=x).logits.float(), dim=-1)  # (1, T, V)
+        total += float((log_p.exp() * (log_p - log_q)).sum())
+        count += len(ids)
+    return total / max(count, 1)
+
+
+def export_dense(
+    model: nn.Module, model_dir: Path, out_dir: Path, mean_weights: dict[str, list[float]], force: bool = False
+) -> Path:
+    """Write the folded plain model (`dense_tensors`) as a base-architecture directory."""
+    config = model.config.to_dict()
+    copy_files = [model_dir / f for f in COPIED_MODEL_FILES if (model_dir / f).is_file()]
+    return write_plain_model(out_dir, config, dense_tensors(model, mean_weights), copy_files, force=force)

@@ -83,6 +83,8 @@ class RoutedAdapterLinear(nn.Module):
         self.last_load: torch.Tensor | None = None
         self.selection_counts: torch.Tensor | None = None
         """When set to a (K,) tensor, every forward adds its per-expert selected-token counts (measurement)."""
+        self.weight_sums: torch.Tensor | None = None
+        """When set to a (K,) tensor, every forward adds its per-expert routing-weight sums (measurement)."""
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits (T, K), dense weights (T, K) and selection mask (T, K) for tokens x (T, d_in)."""
@@ -117,6 +119,8 @@ class RoutedAdapterLinear(nn.Module):
             self._record_router_stats(logits, selected)
         if self.selection_counts is not None:
             self.selection_counts += selected.sum(0).to(self.selection_counts)
+        if self.weight_sums is not None:
+            self.weight_sums += weights.detach().sum(0).to(self.weight_sums)
         return out + delta.view(*x.shape[:-1], self.out_features).to(out.dtype)
 
     def _record_router_stats(self, logits: torch.Tensor, selected: torch.Tensor) -> None:
