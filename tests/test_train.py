@@ -130,3 +130,16 @@ def test_torchrun_two_cpu_ranks_match_one_process(tiny_model_dirs, superni_dir, 
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
         if key.endswith("component_ids"):
             assert torch.equal(a[key], b[key])
+
+
+def test_single_mode_feeds_forward_transfer(tiny_model_dirs, superni_dir, tmp_path) -> None:
+    single_cfg = load_config(None, _overrides(tiny_model_dirs["llama"], superni_dir, tmp_path / "single", **{"train.mode": "single", "train.max_steps": 1}))
+    single = run(single_cfg, show_progress=False)
+    assert single["mode"] == "single" and len(single["matrix"]) == 2 and set(single["final"]) == set(TASKS[:2])
+    mixed_cfg = load_config(None, _overrides(tiny_model_dirs["llama"], superni_dir, tmp_path / "mixed", **{"eval.single_run": str(tmp_path / "single")}))
+    mixed = run(mixed_cfg, show_progress=False)
+    expected = sum(mixed["final"][t]["rouge_l"] - single["final"][t]["rouge_l"] for t in TASKS[:2]) / 2
+    assert mixed["continual"]["forward"] == pytest.approx(expected)
+    bad = load_config(None, _overrides(tiny_model_dirs["llama"], superni_dir, tmp_path / "bad", **{"eval.single_run": str(tmp_path / "mixed")}))
+    with pytest.raises(RunError, match="not 'single'"):
+        run(bad, show_progress=False)

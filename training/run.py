@@ -103,6 +103,7 @@ def run(
     """Train and evaluate per `cfg`; returns the scores dict also written to scores.json."""
     run_dir = Path(run_dir or cfg.output.dir)
     world = init_from_env()
+    single_scores = _single_scores(cfg.eval.single_run) if cfg.eval.single_run else None  # fail before training
     if resume and (run_dir / CONFIG_FILE).is_file():
         cfg = load_config(run_dir / CONFIG_FILE)
     if world.is_main or resume:
@@ -159,7 +160,6 @@ def run(
         barrier(world)
     if not world.is_main:
         return {}
-    single_scores = _single_scores(cfg.eval.single_run) if cfg.eval.single_run else None
     results = summarize_scores(mode, [t.name for t in ordered], rows, single_scores)
     _write_json(run_dir / SCORES_FILE, results)
     mean_shares = None
