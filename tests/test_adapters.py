@@ -221,3 +221,14 @@ def test_config_validation() -> None:
 def test_unsupported_target_is_rejected(tiny_model_dirs: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="no nn.Linear named"):
         apply_adapters(_load(tiny_model_dirs["llama"]), AdapterConfig(target_modules=["nope_proj"]))
+
+
+@pytest.mark.slow
+def test_init_reproduces_the_default_model(default_model_dir: Path) -> None:
+    """The paper's setting on SmolLM2-135M-Instruct: 30 gate_proj layers, K=8, r=8, top-4."""
+    input_ids = _tokens(length=16)
+    base_logits = _load(default_model_dir)(input_ids).logits
+    model = apply_adapters(_load(default_model_dir), AdapterConfig(method="badit"), seed=0)
+    assert len(adapted_layers(model)) == 30
+    _randomise_routers(model)
+    assert (model(input_ids).logits - base_logits).abs().max().item() <= 1e-5
