@@ -14,12 +14,16 @@ from training.adapters import (
     regroup,
     trainable_parameters,
 )
-from training.export import export_model
+from training.export import export_model, measure_task_shares
+
+LABEL_TASKS = {"task001_alpha": [[5, 6, 7, 8, 9, 10]], "task002_beta": [[300, 301, 302], [4000, 4001, 4002, 4003]]}
 
 
-def make_export(model_dir: Path, out_dir: Path, method: str = "badit", steps: int = 3, seed: int = 0) -> Path:
+def make_export(
+    model_dir: Path, out_dir: Path, method: str = "badit", steps: int = 3, seed: int = 0, labelled: bool = False
+) -> Path:
     """Adapt the tiny model at `model_dir`, train a few steps (so experts and routers are non-trivial),
-    regroup once, and export it to `out_dir`."""
+    regroup once, and export it to `out_dir` (with ability labels measured on two toy tasks if `labelled`)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     apply_adapters(model, AdapterConfig(method=method, rank=4, dropout=0.0), seed=seed)
@@ -32,4 +36,5 @@ def make_export(model_dir: Path, out_dir: Path, method: str = "badit", steps: in
         optimizer.step()
         optimizer.zero_grad()
     regroup(model, optimizer)
-    return export_model(model.eval(), model_dir, out_dir)
+    shares = measure_task_shares(model, LABEL_TASKS) if labelled else None
+    return export_model(model.eval(), model_dir, out_dir, task_shares=shares)

@@ -35,12 +35,17 @@ def read_badit_block(hf_config: object) -> BaditBlock:
             "this model's config.json has no 'badit' block: Badit*ForCausalLM classes serve Badit exports only"
         )
     block = BaditBlock.model_validate(raw)
+    check_servable(block)
+    return block
+
+
+def check_servable(block: BaditBlock) -> None:
+    """Raise ValueError unless the experts sit on gate_proj only (what BaditMLP implements)."""
     if list(block.target_modules) != SUPPORTED_TARGETS:
         raise ValueError(
             f"badit.target_modules={block.target_modules} cannot be served: the vLLM Badit classes route "
             f"experts on the MLP gate projection only (target_modules must be exactly {SUPPORTED_TARGETS})"
         )
-    return block
 
 
 class BaditGate(nn.Module):

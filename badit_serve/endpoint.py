@@ -1,0 +1,107 @@
+"""vLLM endpoint plugin (`vllm.endpoint_plugins`: badit): `GET /v1/badit/experts`, and the start of counting.
+
+vLLM 0.32 loads endpoint plugins only when named in VLLM_PLUGINS (badit-serve adds "badit"). `attach_router`
+runs in `build_app`; `init_state` runs in `init_app_state`, after the engine has started (profiling and
+warm-up done) and before the server accepts requests: that is where the worker is told to zero its
+routing statistics and start counting (`BaditWorkerExtension.badit_start_counting`). The route sits under
+/v1, so vLLM's --api-key middleware guards it.
+"""
+
+from __future__ import annotations
+
+import logging
+from argparse import Namespace
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, HTTPException, Request
+
+from badit_serve.expert_metrics import layer_label
+from badit_serve.export_io import read_block
+from badit_serve.format import ROUTING_TABLE_FILE, BaditBlock, RoutingTable
+from badit_serve.schemas import ExpertCounts, ExpertsResponse, LayerCounts
+
+logger = logging.getLogger(__name__)
+EXPERTS_PATH = "/v1/badit/experts"
+
+
+@dataclass
+class BaditServingState:
+    engine_client: Any  # vllm.engine.protocol.EngineClient
+    model_name: str
+    block: BaditBlock
+    routing_table: RoutingTable
+    counting: bool
+
+
+def build_response(state: BaditServingState, stats: dict[str, Any]) -> ExpertsResponse:
+    """Merge the worker's totals (`BaditWorkerExtension.badit_expert_stats`) with the routing table."""
+    block, table = state.block, state.routing_table
+    per_token = block.top_k if block.router == "topk" else block.num_experts
+    entries = {layer.module: {e.expert: e for e in layer.experts} for layer in table.layers}
+    layers = []
+    for layer in stats["layers"]:
+        module = layer["module"]
+        experts = [
+            ExpertCounts(
+                expert=e,
+                label=getattr(entries.get(module, {}).get(e), "label", None) or table.expert_labels.get(str(e)),
+                tokens=count,
+                router_weight_sum=max(weight, 0.0),
+            )
+            for e, (count, weight) in enumerate(zip(layer["tokens"], layer["router_weight_sums"], strict=True))
+        ]
+        layers.append(
+            LayerCounts(module=module, layer=layer_label(module), tokens=sum(layer["tokens"]) // per_token, experts=experts)
+        )
+    return ExpertsResponse(
+        model=state.model_name,
+        num_experts=block.num_experts,
+        top_k=block.top_k,
+        router=block.router,
+        counting_since=stats.get("started_at"),
+        layers=layers,
+        routing_table=table,
+    )
+
+
+async def get_experts(request: Request) -> ExpertsResponse:
+    state: BaditServingState | None = getattr(request.app.state, "badit", None)
+    if state is None or not state.counting:
+        raise HTTPException(
+            status_code=503,
+            detail="expert counting is not running (start the server with badit-serve, which installs the worker extension)",
+        )
+    results = await state.engine_client.collective_rpc("badit_expert_stats")
+    stats = next((r for r in results if r and r.get("report")), None)
+    if stats is None:
+        raise HTTPException(status_code=503, detail="no worker reported expert statistics")
+    return build_response(state, stats)
+
+
+class BaditEndpointPlugin:
+    """The `EndpointPlugin` protocol of vllm/plugins/endpoint_plugins/interface.py."""
+
+    name = "badit"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        router = APIRouter()
+        router.add_api_route(EXPERTS_PATH, get_experts, methods=["GET"], response_model=ExpertsResponse)
+        app.include_router(router)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        if engine_client is None:
+            return
+        model_dir = Path(engine_client.model_config.model)
+        _, block = read_block(model_dir)
+        table = RoutingTable.model_validate_json((model_dir / ROUTING_TABLE_FILE).read_text())
+        names = getattr(args, "served_model_name", None) or [str(model_dir)]
+        counting = True
+        try:
+            await engine_client.collective_rpc("badit_start_counting", kwargs={"interval": 1.0})
+        except Exception as exc:  # the worker extension is not installed
+            logger.warning("Badit expert counting disabled: %s", exc)
+            counting = False
+        state.badit = BaditServingState(engine_client, names[0], block, table, counting)

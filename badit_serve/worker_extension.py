@@ -1,0 +1,62 @@
+"""`BaditWorkerExtension`: worker-side RPC methods for the expert metrics.
+
+badit-serve passes `--worker-extension-cls badit_serve.worker_extension.BaditWorkerExtension`; vLLM 0.32
+mixes the class into its Worker (`vllm/v1/worker/worker_base.py`), so the API server can call the methods
+by name with `engine_client.collective_rpc("badit_start_counting")`. RPCs run in the worker's main loop
+between model steps, never during a forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from badit_serve.expert_metrics import ExpertStatsCollector
+from badit_serve.format import ROUTING_TABLE_FILE
+
+
+def _expert_labels(model_dir: str) -> dict[str, str]:
+    path = Path(model_dir) / ROUTING_TABLE_FILE
+    if not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text()).get("expert_labels", {}))
+
+
+class BaditWorkerExtension:
+    """Mixed into vLLM's Worker: `self` is the worker (model_runner, vllm_config, ...)."""
+
+    _badit_collector: ExpertStatsCollector | None = None
+
+    def _badit_get_collector(self) -> ExpertStatsCollector:
+        if self._badit_collector is None:
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            from badit_serve.vllm_models.mlp import BaditMLP
+
+            model = self.model_runner.get_model()  # type: ignore[attr-defined]
+            mlps = {
+                f"{name}.gate_proj": module for name, module in model.named_modules() if isinstance(module, BaditMLP)
+            }
+            labels = _expert_labels(self.vllm_config.model_config.model)  # type: ignore[attr-defined]
+            # Routing is replicated across tensor-parallel ranks: only rank 0 reports, or counts multiply.
+            report = get_tensor_model_parallel_rank() == 0
+            self._badit_collector = ExpertStatsCollector(mlps, labels, report=report)
+        return self._badit_collector
+
+    def badit_start_counting(self, interval: float = 1.0) -> dict[str, Any]:
+        """Zero the routing statistics (dropping profiling and warm-up) and start the flush thread."""
+        collector = self._badit_get_collector()
+        collector.start(interval)
+        return {"layers": len(collector.mlps), "report": collector.report, "started_at": collector.started_at}
+
+    def badit_expert_stats(self) -> dict[str, Any]:
+        """Flush to the counters now and return the totals since counting started."""
+        collector = self._badit_get_collector()
+        layers = collector.flush()
+        return {
+            "report": collector.report,
+            "started_at": collector.started_at,
+            "layers": [asdict(layer) for layer in layers],
+        }

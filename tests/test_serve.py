@@ -1,0 +1,210 @@
+"""badit-serve end to end: one server (a subprocess, compiled mode) on a tiny labelled llama export.
+
+OpenAI client calls (chat, streaming chat, completion, model list), API-key enforcement, malformed and
+over-long requests, and the per-expert counters: with prefix caching off every request adds exactly
+top_k * (prompt tokens + generated tokens - 1) selections to each layer (the last generated token is
+never fed back), counted on the real tokens only and never during warm-up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from badit_serve.export_io import load_export
+from tests.badit_exports import make_export
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "sk-badit-test"
+MODEL = "badit-tiny"
+MAX_MODEL_LEN = 512
+STARTUP_TIMEOUT_S = 300
+
+
+@dataclass
+class Server:
+    url: str
+    export: Path
+    log: Path
+    top_k: int
+    expert_labels: dict[str, str]
+    initial_experts: dict | None = None
+    """/v1/badit/experts right after start-up, before any request."""
+
+    def client(self, api_key: str = API_KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=120)
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server (it shuts its engine down), then SIGKILL its own process group if it lingers."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group started for this server only
+            proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("serve")
+    export = make_export(tiny_model_dirs["llama"], root / "export", labelled=True)
+    bundle = load_export(export)
+    port = _free_port()
+    command = [
+        str(Path(sys.executable).with_name("badit-serve")), str(export), "--port", str(port), "--api-key", API_KEY,
+        "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN), "--no-enable-prefix-caching",
+    ]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    log = root / "server.log"
+    with log.open("w") as out:
+        # cwd outside the repo: the repo root's badit.egg-info must not shadow the installed entry points.
+        proc = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    handle = Server(f"http://127.0.0.1:{port}", export, log, bundle.block.top_k, bundle.routing_table.expert_labels)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"badit-serve exited with {proc.returncode}:\n{handle.log_tail()}")
+            try:
+                if httpx.get(f"{handle.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"badit-serve not healthy after {STARTUP_TIMEOUT_S}s:\n{handle.log_tail()}")
+            time.sleep(1)
+        handle.initial_experts = _experts_json(handle)
+        yield handle
+    finally:
+        _stop(proc)
+
+
+def _expert_tokens(server: Server) -> dict[str, dict[str, float]]:
+    """layer -> expert -> badit_expert_tokens_total, and "ability" -> "expert|label" -> by-ability total."""
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    values: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "badit_expert_tokens_total":
+                values.setdefault(sample.labels["layer"], {})[sample.labels["expert"]] = sample.value
+            elif sample.name == "badit_expert_tokens_by_ability_total":
+                key = f"{sample.labels['expert']}|{sample.labels['label']}"
+                values.setdefault("ability", {})[key] = sample.value
+    return values
+
+
+def _experts_json(server: Server) -> dict:
+    response = httpx.get(f"{server.url}/v1/badit/experts", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_warm_up_and_profiling_are_not_counted(server: Server) -> None:
+    assert server.initial_experts is not None and server.initial_experts["counting_since"] is not None
+    assert all(e["tokens"] == 0 for layer in server.initial_experts["layers"] for e in layer["experts"])
+
+
+def test_model_list(server: Server) -> None:
+    assert [m.id for m in server.client().models.list().data] == [MODEL]
+
+
+def test_chat_completion(server: Server) -> None:
+    response = server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=8, temperature=0
+    )
+    assert isinstance(response.choices[0].message.content, str)
+    assert response.usage.completion_tokens <= 8 and response.usage.prompt_tokens > 3
+
+
+def test_streaming_chat_completion(server: Server) -> None:
+    stream = server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count."}], max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, usage = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+    assert pieces and usage is not None and usage.completion_tokens == 6
+
+
+def test_text_completion(server: Server) -> None:
+    response = server.client().completions.create(model=MODEL, prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert response.choices[0].finish_reason in {"length", "stop"} and response.usage.completion_tokens <= 5
+
+
+def test_wrong_or_missing_api_key_is_rejected(server: Server) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong").models.list()
+    for path in ("/v1/models", "/v1/badit/experts"):
+        assert httpx.get(f"{server.url}{path}", timeout=10).status_code == 401
+    assert httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x"}, timeout=10).status_code == 401
+
+
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server: Server) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    malformed = httpx.post(f"{server.url}/v1/completions", content=b"{not json", headers=headers, timeout=30)
+    assert 400 <= malformed.status_code < 500 and malformed.text
+    with pytest.raises(openai.BadRequestError, match=r"(?i)context length|too long|maximum"):
+        server.client().completions.create(model=MODEL, prompt="word " * (2 * MAX_MODEL_LEN), max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        server.client().completions.create(model=MODEL, prompt="hi", max_tokens=-3)
+    with pytest.raises(openai.NotFoundError):
+        server.client().completions.create(model="no-such-model", prompt="hi", max_tokens=2)
+    response = server.client().completions.create(model=MODEL, prompt="still alive", max_tokens=2)
+    assert response.usage.completion_tokens == 2
+
+
+def test_expert_counters_grow_by_top_k_per_routed_token(server: Server) -> None:
+    _experts_json(server)  # flush what earlier tests routed, so `before` is exact
+    before = _expert_tokens(server)
+    assert set(before) >= {"0", "1", "ability"}  # every series exists from the start (at 0 or more)
+    client, forwarded = server.client(), 0
+    for prompt, max_tokens in [("The cat sat on", 7), ("A", 3), ("Numbers: 1 2 3 4 5 6 7 8 9 10", 11)]:
+        usage = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0).usage
+        forwarded += usage.prompt_tokens + usage.completion_tokens - 1
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=4)
+    forwarded += chat.usage.prompt_tokens + chat.usage.completion_tokens - 1
+    expected = server.top_k * forwarded
+
+    experts = _experts_json(server)  # flushes the worker's counters now
+    after = _expert_tokens(server)
+    for layer in ("0", "1"):
+        grown = sum(after[layer].values()) - sum(before.get(layer, {}).values())
+        assert grown == expected, f"layer {layer}: {grown} != top_k {server.top_k} x {forwarded} tokens"
+    grown_by_ability = sum(after["ability"].values()) - sum(before["ability"].values())
+    assert grown_by_ability == 2 * expected  # two layers
+    assert {key.split("|")[1] for key in after["ability"]} <= set(server.expert_labels.values()) | {"unlabelled"}
+
+    assert experts["object"] == "badit.experts" and experts["model"] == MODEL and experts["top_k"] == server.top_k
+    assert [layer["module"] for layer in experts["layers"]] == [f"model.layers.{i}.mlp.gate_proj" for i in (0, 1)]
+    for layer in experts["layers"]:
+        assert sum(e["tokens"] for e in layer["experts"]) == sum(after[layer["layer"]].values())
+        assert all(e["router_weight_sum"] >= 0 for e in layer["experts"])
+    assert experts["routing_table"]["expert_labels"] == server.expert_labels

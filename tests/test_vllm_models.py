@@ -1,0 +1,214 @@
+"""Unit tests of the vLLM-side pieces that need no engine: BaditMLP math, TP sharding, the routing-stats
+op and its padding mask, the metrics collector, the plugin table, the experts response and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from badit_serve.format import BADIT_ARCHITECTURES, BaditBlock, RoutingTable
+from badit_serve.reference import RoutedLinear
+
+D_IN, INTER, K, R = 16, 12, 4, 2
+
+
+def _block(router: str = "topk", top_k: int = 2, num_experts: int = K, **overrides) -> BaditBlock:
+    fields = dict(
+        method="badit", init="bad", base_architecture="LlamaForCausalLM", num_experts=num_experts, rank=R,
+        train_rank=R, top_k=top_k, scaling=0.5, gate_scale=2.0, router=router, target_modules=["gate_proj"],
+        adapted_modules=["model.layers.0.mlp.gate_proj"],
+    )
+    return BaditBlock(**{**fields, **overrides})
+
+
+class _FakeMerged(nn.Module):
+    """Stands in for MergedColumnParallelLinear (TP=1): [gate | up] and the attributes BaditMLP reads."""
+
+    def __init__(self, gate: nn.Linear, up: nn.Linear) -> None:
+        super().__init__()
+        self.gate, self.up = gate, up
+        self.input_size = gate.in_features
+        self.output_partition_sizes = [gate.out_features, up.out_features]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return torch.cat([self.gate(x), self.up(x)], dim=-1), None
+
+
+class _FakeRow(nn.Module):
+    def __init__(self, down: nn.Linear) -> None:
+        super().__init__()
+        self.down = down
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.down(x), None
+
+
+def _silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    half = gate_up.shape[-1] // 2
+    return F.silu(gate_up[..., :half]) * gate_up[..., half:]
+
+
+def _experts(block: BaditBlock, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    n = block.num_experts * block.rank
+    experts = {"lora_a": torch.randn(n, D_IN, generator=g), "lora_b": torch.randn(INTER, n, generator=g)}
+    if block.router != "none":
+        experts["router"] = torch.randn(block.num_experts, D_IN, generator=g)
+    return experts
+
+
+@pytest.mark.parametrize(("router", "top_k", "num_experts"), [("topk", 2, K), ("dense", K, K), ("none", 1, 1)])
+def test_badit_mlp_matches_reference_routed_linear(router: str, top_k: int, num_experts: int) -> None:
+    from badit_serve.vllm_models.mlp import BaditMLP
+
+    block = _block(router, top_k, num_experts)
+    torch.manual_seed(0)
+    gate, up, down = nn.Linear(D_IN, INTER, bias=False), nn.Linear(D_IN, INTER, bias=False), nn.Linear(INTER, D_IN, bias=False)
+    experts = _experts(block)
+    mlp = BaditMLP(block, _FakeMerged(gate, up), _FakeRow(down), _silu_and_mul, tp_rank=0)
+    for name, tensor in experts.items():
+        getattr(mlp.badit_gate, name).data.copy_(tensor)
+    routed_gate = RoutedLinear(gate, block, experts)
+    x = torch.randn(7, D_IN)
+    with torch.no_grad():
+        expected = down(F.silu(routed_gate(x)) * up(x))
+        torch.testing.assert_close(mlp(x), expected, atol=1e-5, rtol=1e-5)
+    selected_per_token = top_k if router == "topk" else num_experts
+    assert int(mlp.expert_tokens.sum()) == 7 * selected_per_token  # no forward context: every row counts
+    assert float(mlp.router_weight_sums.sum()) == pytest.approx(7 * block.gate_scale, rel=1e-6)
+
+
+def test_lora_b_weight_loader_takes_this_ranks_rows() -> None:
+    from badit_serve.vllm_models.mlp import BaditGate
+
+    block = _block()
+    full = torch.arange(2 * INTER * K * R, dtype=torch.float32).view(2 * INTER, K * R)  # (d_out, K*R), TP=2
+    for rank in (0, 1):
+        gate = BaditGate(block, D_IN, INTER, tp_rank=rank)
+        gate.lora_b.weight_loader(gate.lora_b, full)
+        torch.testing.assert_close(gate.lora_b.data, full[rank * INTER : (rank + 1) * INTER])
+
+
+def test_routing_stats_skip_padding_rows() -> None:
+    from vllm.forward_context import override_forward_context
+
+    from badit_serve.vllm_models.routing_stats import ensure_registered, record_routing
+
+    ensure_registered()
+    selected = torch.tensor([[True, False], [True, True], [False, True], [True, True]])  # (T=4, K=2)
+    weights = selected.float() * 0.5
+    tokens, sums = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.float64)
+    is_padding = torch.tensor([False, False, True, True])  # rows 2, 3 are padding
+    with override_forward_context(SimpleNamespace(is_padding=is_padding)):  # type: ignore[arg-type]
+        record_routing(selected, weights, tokens, sums)
+    assert tokens.tolist() == [2, 1] and sums.tolist() == [1.0, 0.5]
+    record_routing(selected, weights, tokens, sums)  # no forward context: all rows
+    assert tokens.tolist() == [5, 4]
+
+
+def test_collector_counts_only_after_start_and_reports_differences() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from badit_serve import expert_metrics
+
+    mlp = SimpleNamespace(expert_tokens=torch.tensor([100, 50]), router_weight_sums=torch.tensor([9.0, 9.0], dtype=torch.float64))
+    collector = expert_metrics.ExpertStatsCollector({"model.layers.3.mlp.gate_proj": mlp}, {"0": "alpha"})  # type: ignore[dict-item]
+    assert collector.flush() == []  # not started: warm-up counts are never reported
+    counters = expert_metrics.expert_counters()
+    registry = CollectorRegistry()
+    for counter in (counters.tokens, counters.tokens_by_ability, counters.router_weight_sum):
+        registry.register(counter)
+
+    def value(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    before = value("badit_expert_tokens_total", layer="3", expert="0")
+    collector.start(interval=0)
+    assert mlp.expert_tokens.tolist() == [0, 0]
+    mlp.expert_tokens += torch.tensor([3, 1])
+    mlp.router_weight_sums += torch.tensor([1.5, 0.5], dtype=torch.float64)
+    (totals,) = collector.flush()
+    assert totals.tokens == [3, 1]
+    mlp.expert_tokens += torch.tensor([2, 0])
+    collector.flush()
+    assert value("badit_expert_tokens_total", layer="3", expert="0") - before == 5
+    assert value("badit_expert_tokens_by_ability_total", expert="0", label="alpha") >= 5
+    assert value("badit_expert_tokens_by_ability_total", expert="1", label=expert_metrics.UNLABELLED) >= 1
+
+
+def test_plugin_registers_every_export_architecture() -> None:
+    from vllm import ModelRegistry
+
+    from badit_serve.plugin import MODEL_CLASSES, register
+
+    assert set(MODEL_CLASSES) == set(BADIT_ARCHITECTURES.values())
+    register()
+    register()  # idempotent
+    assert set(MODEL_CLASSES) <= set(ModelRegistry.get_supported_archs())
+
+
+def test_only_gate_proj_exports_are_servable() -> None:
+    from badit_serve.vllm_models.mlp import read_badit_block
+
+    good = _block()
+    assert read_badit_block(SimpleNamespace(badit=good.model_dump())) == good
+    with pytest.raises(ValueError, match=r"target_modules=\['gate_proj', 'up_proj'\] cannot be served"):
+        read_badit_block(SimpleNamespace(badit=_block(target_modules=["gate_proj", "up_proj"]).model_dump()))
+    with pytest.raises(ValueError, match="no 'badit' block"):
+        read_badit_block(SimpleNamespace())
+
+
+def test_experts_response_merges_counts_with_the_routing_table() -> None:
+    from badit_serve.endpoint import BaditServingState, build_response
+
+    block = _block()
+    table = RoutingTable.model_validate(
+        {"layers": [{"module": "model.layers.0.mlp.gate_proj", "experts": [{"expert": 0, "components": [], "label": "qa"}]}],
+         "expert_labels": {"1": "math"}}
+    )
+    state = BaditServingState(None, "tiny", block, table, counting=True)
+    stats = {"started_at": 1.0, "layers": [{"module": "model.layers.0.mlp.gate_proj", "tokens": [4, 2, 2, 0], "router_weight_sums": [3.0, 1.0, 1.0, 0.0]}]}
+    response = build_response(state, stats)
+    layer = response.layers[0]
+    assert layer.layer == "0" and layer.tokens == 4  # 8 selections / top_k 2
+    assert [e.label for e in layer.experts] == ["qa", "math", None, None]
+    assert json.loads(response.model_dump_json())["object"] == "badit.experts"
+
+
+def test_cli_builds_vllm_arguments_with_defaults() -> None:
+    from badit_serve.cli import WORKER_EXTENSION, build_parser, vllm_argv
+
+    opts, rest = build_parser().parse_known_args(["/x", "--port", "9", "--api-key", "k", "--max_model_len=64", "--enforce-eager"])
+    argv = vllm_argv(opts, rest, on_cpu=True)
+    assert argv[:5] == ["/x", "--host", "127.0.0.1", "--port", "9"]
+    assert ["--worker-extension-cls", WORKER_EXTENSION] == argv[5:7]
+    assert "--max-model-len" not in argv and argv[-2:] == ["--max_model_len=64", "--enforce-eager"]
+    assert argv[argv.index("--dtype") + 1] == "float32" and argv[argv.index("--api-key") + 1] == "k"
+    assert "--dtype" not in vllm_argv(opts, ["--dtype", "bfloat16"], on_cpu=True)[:-2]
+
+
+def test_cli_prepares_a_fresh_metrics_dir_and_the_plugin_allowlist(tmp_path: Path) -> None:
+    from badit_serve.cli import prepare_environment
+
+    env = {"VLLM_PLUGINS": "other", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    first = prepare_environment(env)
+    assert env["VLLM_PLUGINS"] == "other,badit" and first.parent == tmp_path and first.is_dir()
+    assert prepare_environment(env) != first and env["VLLM_PLUGINS"] == "other,badit"
+    fresh: dict[str, str] = {}
+    made = prepare_environment(fresh)
+    made.rmdir()
+    assert fresh["VLLM_PLUGINS"] == "badit"
+
+
+def test_cli_rejects_an_invalid_export_with_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from badit_serve.cli import main
+
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "invalid export" in capsys.readouterr().err
+    assert main([str(tmp_path), "--worker-extension-cls", "x.Y"]) == 2
