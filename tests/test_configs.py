@@ -82,3 +82,17 @@ def test_every_field_has_a_docstring() -> None:
                 walk(annotation)
 
     walk(RunConfig)
+
+
+def test_grafana_dashboard_queries_the_served_series() -> None:
+    import json
+
+    dashboard = json.loads((CONFIG_DIR.parent / "docs" / "grafana-badit.json").read_text())
+    exprs = " ".join(t["expr"] for panel in dashboard["panels"] for t in panel["targets"])
+    for series in ("badit_expert_tokens_total", "badit_expert_tokens_by_ability_total", "badit_router_weight_sum_total"):
+        assert series in exprs
+    from badit_serve import expert_metrics
+
+    source = Path(expert_metrics.__file__).read_text()
+    for series in ("badit_expert_tokens", "badit_expert_tokens_by_ability", "badit_router_weight_sum"):
+        assert f'"{series}' in source, series
