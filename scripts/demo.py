@@ -87,12 +87,19 @@ def main() -> None:
     banner("4/5 Serving with vLLM (engine start takes about a minute on 2 cores)")
     port = args.port or free_port()
     base = f"http://127.0.0.1:{port}"
+    log_path = ROOT / args.run_dir / "serve.log"
+    print(f"server log: {log_path}", flush=True)
+    log = log_path.open("w")
     server = subprocess.Popen(
         [str(BIN / "badit-serve"), args.export_dir, "--port", str(port), "--served-model-name", "badit-quickstart"],
-        cwd=ROOT,
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )
     try:
-        wait_healthy(base, server)
+        try:
+            wait_healthy(base, server)
+        except (RuntimeError, TimeoutError):
+            print("".join(log_path.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
+            raise
         from openai import OpenAI
 
         client = OpenAI(base_url=f"{base}/v1", api_key="unused")
@@ -120,6 +127,7 @@ def main() -> None:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
+        log.close()
 
 
 if __name__ == "__main__":
