@@ -19,11 +19,9 @@ from training.export import export_model, measure_task_shares
 LABEL_TASKS = {"task001_alpha": [[5, 6, 7, 8, 9, 10]], "task002_beta": [[300, 301, 302], [4000, 4001, 4002, 4003]]}
 
 
-def make_export(
-    model_dir: Path, out_dir: Path, method: str = "badit", steps: int = 3, seed: int = 0, labelled: bool = False
-) -> Path:
-    """Adapt the tiny model at `model_dir`, train a few steps (so experts and routers are non-trivial),
-    regroup once, and export it to `out_dir` (with ability labels measured on two toy tasks if `labelled`)."""
+def trained_model(model_dir: Path, method: str = "badit", steps: int = 3, seed: int = 0) -> torch.nn.Module:
+    """Adapt the tiny model at `model_dir`, train a few steps (so experts and routers are non-trivial) and
+    regroup once; returned in eval mode."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     apply_adapters(model, AdapterConfig(method=method, rank=4, dropout=0.0), seed=seed)
@@ -36,5 +34,13 @@ def make_export(
         optimizer.step()
         optimizer.zero_grad()
     regroup(model, optimizer)
+    return model.eval()
+
+
+def make_export(
+    model_dir: Path, out_dir: Path, method: str = "badit", steps: int = 3, seed: int = 0, labelled: bool = False
+) -> Path:
+    """`trained_model` exported to `out_dir` (with ability labels measured on two toy tasks if `labelled`)."""
+    model = trained_model(model_dir, method, steps, seed)
     shares = measure_task_shares(model, LABEL_TASKS) if labelled else None
-    return export_model(model.eval(), model_dir, out_dir, task_shares=shares)
+    return export_model(model, model_dir, out_dir, task_shares=shares)

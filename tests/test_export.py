@@ -14,31 +14,17 @@ from transformers import AutoModelForCausalLM
 from badit_serve.export_io import ExportError, load_export, sha256_file
 from badit_serve.format import MANIFEST_FILE, expert_prefix
 from badit_serve.reference import load_reference_model
+from tests.badit_exports import trained_model
 from training.adapters import (
     AdapterConfig,
-    accumulate_dog_signal,
     adapted_layers,
     apply_adapters,
-    regroup,
-    trainable_parameters,
 )
 from training.export import export_model, measure_task_shares
 
 
 def _trained_model(model_dir: Path, method: str = "badit", steps: int = 3) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    apply_adapters(model, AdapterConfig(method=method, rank=4, dropout=0.0), seed=0)
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
-    model.train()
-    for step in range(steps):
-        ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(step))
-        model(input_ids=ids, labels=ids).loss.backward()
-        accumulate_dog_signal(model)
-        optimizer.step()
-        optimizer.zero_grad()
-    regroup(model, optimizer)
-    return model.eval()
+    return trained_model(model_dir, method, steps)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
