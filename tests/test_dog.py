@@ -9,6 +9,7 @@ import torch
 
 from training.adapters.dog import (
     balanced_assign,
+    cohesion,
     dog_grouping,
     gradient_angles,
     labels_to_permutation,
@@ -202,3 +203,15 @@ def test_spherical_kmeans_degenerate_inputs() -> None:
     assert spherical_kmeans(same, 5).tolist() == [0] * 5
     with pytest.raises(ValueError):
         spherical_kmeans(distinct, 7)
+
+
+def test_restarts_escape_a_local_optimum() -> None:
+    """Noise 0.1, K=16 x r=4: one start settles on a wrong partition; the most cohesive of 4 is exact."""
+    x, truth = _planted([4] * 16, d=64, noise=0.1, seed=6)
+    single = dog_grouping(x, 16, 4, seed=0)
+    assert not torch.equal(match_groups(truth, single.labels, 16), truth)
+    best = dog_grouping(x, 16, 4, seed=0, restarts=4)
+    assert torch.equal(match_groups(truth, best.labels, 16), truth)
+    assert cohesion(normalize_rows(x), best.labels, 16) >= cohesion(normalize_rows(x), single.labels, 16)
+    with pytest.raises(ValueError, match="restarts"):
+        dog_grouping(x, 16, 4, restarts=0)

@@ -27,6 +27,8 @@ class DogConfig(BaseModel):
     """Maximum orthogonalise-and-reassign iterations after the initial spherical k-means."""
     kmeans_iters: int = Field(50, ge=1, le=1000)
     """Maximum Lloyd iterations of the initial spherical k-means."""
+    restarts: int = Field(4, ge=1, le=64)
+    """Independent k-means++ starts (seeds seed, seed+1, ...); the most cohesive grouping wins."""
     seed: int = Field(0, ge=0)
     """Seed of the k-means++ initialisation (identical on every data-parallel rank)."""
 

@@ -136,6 +136,13 @@ def _group_centroids(x: Tensor, labels: Tensor, k: int) -> Tensor:
     return centroids
 
 
+def cohesion(x: Tensor, labels: Tensor, num_groups: int) -> float:
+    """sum_g ||sum_{i in g} x_i|| over unit rows x: the spherical k-means objective (the paper's Eq. 10,
+    larger when members point the same way); used to pick the best of several restarts."""
+    sums = torch.zeros(num_groups, x.shape[1], dtype=torch.float64).index_add_(0, labels, x.to(torch.float64))  # (K, D)
+    return float(sums.norm(dim=1).sum())
+
+
 @dataclass
 class GroupingResult:
     """Outcome of `dog_grouping`."""
@@ -153,8 +160,23 @@ def dog_grouping(
     max_iters: int = 10,
     kmeans_iters: int = 50,
     seed: int = 0,
+    restarts: int = 1,
 ) -> GroupingResult:
-    """Group the N component signals (N, D) into num_groups balanced, mutually orthogonal groups."""
+    """Group the N component signals (N, D) into num_groups balanced, mutually orthogonal groups.
+
+    With `restarts` > 1 the whole procedure runs from seeds seed, seed+1, ... and the result with the
+    highest `cohesion` wins (first on ties), which escapes most k-means local optima."""
+    if restarts < 1:
+        raise ValueError(f"restarts must be >= 1, got {restarts}")
+    results = [_dog_grouping_once(signal, num_groups, group_size, max_iters, kmeans_iters, seed + i) for i in range(restarts)]
+    x = normalize_rows(signal.to(torch.float64))
+    scores = [cohesion(x, r.labels, num_groups) for r in results]
+    return results[scores.index(max(scores))]
+
+
+def _dog_grouping_once(
+    signal: Tensor, num_groups: int, group_size: int, max_iters: int, kmeans_iters: int, seed: int
+) -> GroupingResult:
     if signal.ndim != 2 or signal.shape[0] != num_groups * group_size:
         raise ValueError(
             f"signal of shape {tuple(signal.shape)} must be (num_groups * group_size, D) "

@@ -105,7 +105,9 @@ def _regroup_layer(
         return None
     signal = normalize_rows(layer.dog_signal().double())  # (K*r, d_in + d_out)
     current = torch.arange(k * r) // r  # (K*r,) slot j belongs to expert j // r
-    result = dog_grouping(signal, k, r, max_iters=config.max_iters, kmeans_iters=config.kmeans_iters, seed=config.seed)
+    result = dog_grouping(
+        signal, k, r, max_iters=config.max_iters, kmeans_iters=config.kmeans_iters, seed=config.seed, restarts=config.restarts
+    )
     new_labels = match_groups(current, result.labels, k)
     perm = labels_to_permutation(new_labels, k, r)  # (K*r,)
     if dist.is_available() and dist.is_initialized():  # identical decisions on every rank, by construction
