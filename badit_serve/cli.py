@@ -4,6 +4,8 @@
                 [--no-verify-checksums] [any other `vllm serve` option, passed through]
 
 EXPORT_DIR comes first (an unknown option's value before it would be taken for the directory).
+Environment: BADIT_API_KEY is the default of --api-key; BADIT_SERVE_ARGS (shell-split) is appended to the
+command line, e.g. BADIT_SERVE_ARGS="--enforce-eager --served-model-name badit" (handy in a container).
 
 1. Validates the export with `load_export` (exit code 2 and the reason on stderr when it is invalid).
 2. Prepares the environment before vLLM (and prometheus_client) is imported: a fresh
@@ -22,9 +24,11 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import shlex
 import shutil
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from badit_serve.export_io import ExportError, load_export
@@ -35,9 +39,11 @@ DEFAULT_MAX_MODEL_LEN = 2048
 DEFAULT_CPU_KVCACHE_GIB = 4
 PLUGIN_NAME = "badit"
 EXIT_INVALID = 2
+ENV_API_KEY = "BADIT_API_KEY"  # default of --api-key
+ENV_EXTRA_ARGS = "BADIT_SERVE_ARGS"  # extra options appended to the command line (e.g. in a container)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="badit-serve",
         allow_abbrev=False,
@@ -48,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("export_dir", type=Path, help="a Badit export directory (badit-export)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=None, help="require this bearer token on /v1 routes")
+    parser.add_argument(
+        "--api-key", default=env.get(ENV_API_KEY) or None, help=f"require this bearer token on /v1 routes (default: ${ENV_API_KEY})"
+    )
     parser.add_argument("--served-model-name", default=None, help="model name in the API (default: the path)")
     parser.add_argument("--no-verify-checksums", action="store_true", help="skip the sha256 check of the export")
     return parser
@@ -92,8 +100,14 @@ def prepare_environment(env: os._Environ[str] | dict[str, str]) -> Path:
     return metrics_dir
 
 
+def command_line(argv: list[str], env: Mapping[str, str]) -> list[str]:
+    """`argv` followed by the shell-split words of $BADIT_SERVE_ARGS (so they win over the same option in argv)."""
+    return [*argv, *shlex.split(env.get(ENV_EXTRA_ARGS, ""))]
+
+
 def main(argv: list[str] | None = None) -> int:
-    opts, passthrough = build_parser().parse_known_args(argv)
+    argv = command_line(sys.argv[1:] if argv is None else list(argv), os.environ)
+    opts, passthrough = build_parser(os.environ).parse_known_args(argv)
     if _given(passthrough, "--worker-extension-cls"):
         print("badit-serve: --worker-extension-cls is set by badit-serve itself", file=sys.stderr)
         return EXIT_INVALID

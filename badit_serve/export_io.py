@@ -50,6 +50,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def make_world_readable(directory: Path) -> None:
+    """Mode 0755 for `directory` (mkdtemp makes it 0700) and 0644 for its files (safetensors >= 0.8 writes
+    0600), so that a server running as another user, e.g. the container image's, can read the export."""
+    directory.chmod(0o755)
+    for path in directory.iterdir():
+        if path.is_file():
+            path.chmod(0o644)
+
+
 def _write_weights(out_dir: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
     """One model.safetensors, or shards + index when the total exceeds `max_shard_bytes`."""
     tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
@@ -112,7 +121,7 @@ def write_export(
             if p.is_file()
         }
         (staging / MANIFEST_FILE).write_text(Manifest(files=files).model_dump_json(indent=2))
-        staging.chmod(0o755)
+        make_world_readable(staging)
         if out_dir.exists():  # force: swap, then drop the old directory
             old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -146,7 +146,9 @@ def test_dense_export_of_an_untrained_adapter_reproduces_the_base_model(tiny_mod
     model = apply_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["qwen3"], dtype=torch.float32), AdapterConfig(rank=4), seed=0).eval()
     _, mean_weights = measure_routing(model, {"t": [[5, 6, 7, 8, 9]]})
     assert all(sum(w) == pytest.approx(4.0) for w in mean_weights.values())  # gate_scale = top_k: weights sum to 4
-    dense = AutoModelForCausalLM.from_pretrained(export_dense(model, tiny_model_dirs["qwen3"], tmp_path / "dense", mean_weights), dtype=torch.float32)
+    dense_dir = export_dense(model, tiny_model_dirs["qwen3"], tmp_path / "dense", mean_weights)
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in dense_dir.iterdir())  # readable by other users
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
     ids = torch.randint(3, 1000, (2, 10), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(dense(ids).logits, base(ids).logits, atol=1e-5, rtol=0)
 
@@ -166,3 +168,9 @@ def test_dense_export_folds_experts_by_mean_weight(tiny_model_dirs: dict[str, Pa
     dense = AutoModelForCausalLM.from_pretrained(export_dense(model, tiny_model_dirs["llama"], tmp_path / "dense", uniform), dtype=torch.float32)
     ids = torch.randint(3, 1000, (2, 10), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(dense(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_export_files_are_world_readable(good_export: Path) -> None:
+    """safetensors >= 0.8 writes 0600; a server running as another user (the container image's) must read it."""
+    assert good_export.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in good_export.iterdir()} == {p.name: 0o644 for p in good_export.iterdir()}

@@ -212,3 +212,18 @@ def test_cli_rejects_an_invalid_export_with_exit_code_2(tmp_path: Path, capsys: 
     assert main([str(tmp_path / "missing")]) == 2
     assert "invalid export" in capsys.readouterr().err
     assert main([str(tmp_path), "--worker-extension-cls", "x.Y"]) == 2
+
+
+def test_cli_reads_the_api_key_and_extra_options_from_the_environment() -> None:
+    from badit_serve.cli import build_parser, command_line, vllm_argv
+
+    env = {"BADIT_API_KEY": "secret", "BADIT_SERVE_ARGS": "--enforce-eager --served-model-name 'my model' --port 9"}
+    argv = command_line(["/model", "--host", "0.0.0.0", "--port", "8000"], env)
+    assert argv[-5:] == ["--enforce-eager", "--served-model-name", "my model", "--port", "9"]
+    opts, rest = build_parser(env).parse_known_args(argv)
+    assert (opts.api_key, opts.served_model_name, opts.port, rest) == ("secret", "my model", 9, ["--enforce-eager"])
+    vllm = vllm_argv(opts, rest, on_cpu=True)
+    assert vllm[vllm.index("--api-key") + 1] == "secret"
+    assert build_parser(env).parse_known_args(["/m", "--api-key", "cli"])[0].api_key == "cli"  # the flag wins
+    assert build_parser({"BADIT_API_KEY": ""}).parse_known_args(["/m"])[0].api_key is None
+    assert command_line(["/m"], {}) == ["/m"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from badit_serve.export_io import ExportError, write_export
+from badit_serve.export_io import ExportError, make_world_readable, write_export
 from badit_serve.format import (
     BaditBlock,
     Component,
@@ -214,7 +214,7 @@ def write_plain_model(
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / "model.safetensors"), metadata={"format": "pt"})
         for src in copy_files:
             shutil.copy2(src, staging / src.name)
-        staging.chmod(0o755)
+        make_world_readable(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

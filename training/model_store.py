@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from badit_serve.export_io import make_world_readable
+
 PREPARED_MARKER = ".badit-prepared.json"
 SMOKE_QUESTION = "What is the capital of France? Answer in one word."
 SMOKE_EXPECTED = "paris"
@@ -114,7 +116,7 @@ def prepare(alias: str, force: bool = False, smoke_check: bool = True) -> Path:
         (staging / PREPARED_MARKER).write_text(
             json.dumps({"alias": alias, "source": str(gguf_path), "smoke_answer": answer}, indent=2)
         )
-        staging.chmod(0o755)
+        make_world_readable(staging)  # e.g. for a server running as another user
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
