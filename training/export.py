@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from badit_serve.export_io import ExportError, make_world_readable, write_export
@@ -198,12 +202,6 @@ def write_plain_model(
     out_dir: Path, config: dict, tensors: dict[str, torch.Tensor], copy_files: list[Path], force: bool = False
 ) -> Path:
     """A standard transformers directory (base architecture), written atomically."""
-    import json
-    import shutil
-    import tempfile
-
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir}: already exists (use --force to replace it)")

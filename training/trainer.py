@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +70,6 @@ class StageContext:
     show_progress: bool = True
     interrupt_at: int | None = None
     """Test hook: raise KeyboardInterrupt right after this global step (after its checkpoint)."""
-    on_regroup: Callable[[dict[str, Any]], None] | None = None
     world: World = field(default_factory=World)
     """Data-parallel world: each rank takes every size-th example of a step; rank 0 logs and saves."""
 
@@ -169,8 +167,6 @@ def train_stage(model: nn.Module, examples: list[TrainExample], ctx: StageContex
             event = {"event": "regroup", "stage": ctx.stage, "step": global_step, **report.summary(), "layers": report.to_dict()["layers"]}
             if world.is_main:
                 ctx.log.write(event)
-            if ctx.on_regroup is not None:
-                ctx.on_regroup(event)
         every = cfg.output.checkpoint_every
         if every and (step + 1) % every == 0 and step + 1 < total:
             progress = {**ctx.progress_extra, "stage": ctx.stage, "stage_step": step + 1, "global_step": global_step}
