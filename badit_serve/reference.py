@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from badit_serve.export_io import ExportError, LoadedExport, load_export
 from badit_serve.format import BaditBlock
-from badit_serve.routing import routed_delta, routing_weights
+from badit_serve.routing import routed_delta, router_logits, routing_weights
 
 
 class RoutedLinear(nn.Module):
@@ -32,10 +32,7 @@ class RoutedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)  # (..., d_out)
         flat = x.reshape(-1, x.shape[-1]).float()  # (T, d_in)
-        if self.router is None:
-            logits = flat.new_zeros(flat.shape[0], 1)  # (T, 1)
-        else:
-            logits = flat @ self.router.t()  # (T, K)
+        logits = router_logits(flat, self.router)  # (T, K)
         b = self.block
         weights, selected = routing_weights(logits, b.top_k, b.router, b.gate_scale)
         self.last_selected = selected

@@ -18,6 +18,14 @@ import torch
 RouterMode = Literal["topk", "dense", "none"]
 
 
+def router_logits(x: torch.Tensor, router: torch.Tensor | None) -> torch.Tensor:
+    """Router logits (T, K) for tokens x (T, d_in) and router weight (K, d_in); (T, 1) zeros when the
+    layer has a single expert and no router (mode 'none')."""
+    if router is None:
+        return x.new_zeros(x.shape[0], 1)  # (T, 1)
+    return x @ router.t()  # (T, K)
+
+
 def routing_weights(
     logits: torch.Tensor, top_k: int, mode: RouterMode, gate_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

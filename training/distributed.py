@@ -41,13 +41,13 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def sum_across(world: World, value: int, device: torch.device) -> int:
-    """Sum of an integer over all ranks."""
+def sum_across(world: World, value: float, device: torch.device) -> float:
+    """Sum of a number over all ranks (float64, so integer counts stay exact)."""
     if not world.enabled:
         return value
-    tensor = torch.tensor([value], dtype=torch.long, device=device)
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
-    return int(tensor.item())
+    return float(tensor.item())
 
 
 def shutdown(world: World) -> None:

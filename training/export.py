@@ -23,6 +23,7 @@ from badit_serve.format import (
 )
 from training.adapters import AdapterConfig, adapted_layers
 from training.adapters.apply import ADAPTER_CONFIG_ATTR
+from training.loss import mean_token_kl
 
 COPIED_MODEL_FILES = (
     "tokenizer.json",
@@ -229,7 +230,7 @@ def mean_kl(model_p: nn.Module, model_q: nn.Module, sequences: Iterable[list[int
         x = torch.tensor([ids])
         log_p = torch.log_softmax(model_p(input_ids=x).logits.float(), dim=-1)  # (1, T, V)
         log_q = torch.log_softmax(model_q(input_ids=x).logits.float(), dim=-1)  # (1, T, V)
-        total += float((log_p.exp() * (log_p - log_q)).sum())
+        total += mean_token_kl(log_p, log_q) * len(ids)
         count += len(ids)
     return total / max(count, 1)
 

@@ -11,6 +11,15 @@ from torch import nn
 from torch.nn import functional as F
 
 IGNORE_INDEX = -100
+"""Label of positions the loss ignores (prompt and padding)."""
+
+
+def mean_token_kl(log_p: torch.Tensor, log_q: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Mean over (unmasked) positions of KL(p || q) between next-token log-distributions (..., V)."""
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (...)
+    if mask is not None:
+        return float((kl * mask).sum() / mask.sum().clamp(min=1))
+    return float(kl.mean())
 
 
 class ResponseLoss(nn.Module):

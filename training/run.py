@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from training.adapters import apply_adapters
 from training.checkpoint import latest_checkpoint, load_checkpoint, restore_training_state, save_checkpoint
 from training.config import RunConfig, dump_config, load_config
-from training.data import Task, encode_eval_prompt, encode_train, load_tasks
+from training.data import Task, encode_eval_prompts, encode_train, load_tasks
 from training.distributed import barrier, init_from_env
 from training.eval import continual_metrics, evaluate_tasks, mixed_forward
 from training.export import measure_task_shares
@@ -164,10 +164,7 @@ def run(
     _write_json(run_dir / SCORES_FILE, results)
     mean_shares = None
     if cfg.eval.enabled and mode != "single":
-        prompts = {
-            t.name: [encode_eval_prompt(tokenizer, t, i, d.prompt_format, d.max_length, cfg.eval.max_new_tokens) for i in t.test]
-            for t in ordered
-        }
+        prompts = encode_eval_prompts(tokenizer, ordered, d.prompt_format, d.max_length, cfg.eval.max_new_tokens)
         shares = measure_task_shares(model, prompts)
         _write_json(run_dir / SHARES_FILE, shares)
         mean_shares = mean_over_layers(shares)

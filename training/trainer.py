@@ -81,12 +81,6 @@ def _micro_batches(examples: list[TrainExample], indices: list[int], batch_size:
     ]
 
 
-def _sum_float(value: float, device: torch.device) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(tensor)
-    return float(tensor.item())
-
-
 def _autocast(cfg: RunConfig, device: torch.device):
     enabled = cfg.train.autocast_bf16 if cfg.train.autocast_bf16 is not None else device.type == "cuda"
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bool(enabled))
@@ -129,7 +123,7 @@ def train_stage(model: nn.Module, examples: list[TrainExample], ctx: StageContex
         indices = indices[world.rank :: world.size]  # this rank's share of the global batch
         batches = _micro_batches(examples, indices, max(1, tcfg.batch_size // world.size), ctx.pad_id)
         local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        tokens = max(sum_across(world, local_tokens, device), 1)  # response tokens of the global batch
+        tokens = max(int(sum_across(world, local_tokens, device)), 1)  # response tokens of the global batch
         loss_total, aux_total = 0.0, 0.0
         for k, batch in enumerate(batches):
             batch = {key: v.to(device) for key, v in batch.items()}
@@ -153,8 +147,7 @@ def train_stage(model: nn.Module, examples: list[TrainExample], ctx: StageContex
         optimizer.zero_grad(set_to_none=True)
         global_step += 1
         bar.set_postfix(loss=f"{loss_total:.3f}")
-        if world.enabled:
-            loss_total = _sum_float(loss_total, device)
+        loss_total = sum_across(world, loss_total, device)
         if world.is_main and ((step + 1) % cfg.output.log_every == 0 or step + 1 == total):
             load = router_load(model)
             mean_load = [sum(col) / len(col) for col in zip(*load.values(), strict=True)] if load else None

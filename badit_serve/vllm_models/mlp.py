@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from badit_serve.format import BaditBlock, expert_prefix
-from badit_serve.routing import routed_delta, routing_weights
+from badit_serve.routing import routed_delta, router_logits, routing_weights
 from badit_serve.vllm_models.routing_stats import ensure_registered, record_routing
 
 EXPERT_MARK = ".badit_"
@@ -104,10 +104,7 @@ class BaditMLP(nn.Module):
         """x: (T, d_in) -> the routed delta (T, I_local) in float32; records the routing statistics."""
         b, gate = self.block, self.badit_gate
         flat = x.float()  # (T, d_in)
-        if gate.router is None:
-            logits = flat.new_zeros(flat.shape[0], 1)  # (T, 1)
-        else:
-            logits = flat @ gate.router.t()  # (T, K)
+        logits = router_logits(flat, gate.router)  # (T, K)
         weights, selected = routing_weights(logits, b.top_k, b.router, b.gate_scale)  # (T, K), (T, K)
         if self.record_stats:
             record_routing(selected, weights, self.expert_tokens, self.router_weight_sums)

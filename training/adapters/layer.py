@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from badit_serve.routing import RouterMode, routed_delta, routing_weights
+from badit_serve.routing import RouterMode, routed_delta, router_logits, routing_weights
 from training.adapters.init import kaiming_lora_a, top_singular_components
 
 
@@ -88,10 +88,7 @@ class RoutedAdapterLinear(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits (T, K), dense weights (T, K) and selection mask (T, K) for tokens x (T, d_in)."""
-        if self.router is None:
-            logits = x.new_zeros(x.shape[0], 1, dtype=torch.float32)  # (T, 1)
-        else:
-            logits = self.router(x.to(self.router.weight.dtype))  # (T, K)
+        logits = router_logits(x.float(), None if self.router is None else self.router.weight)  # (T, K)
         weights, selected = routing_weights(logits, self.spec.top_k, self.spec.router, self.spec.gate_scale)
         return logits, weights, selected
 

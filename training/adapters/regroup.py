@@ -18,6 +18,7 @@ from training.adapters.dog import (
     normalize_rows,
 )
 from training.adapters.layer import RoutedAdapterLinear
+from training.loss import mean_token_kl
 
 
 @dataclass
@@ -78,13 +79,6 @@ def _next_token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> t
     finally:
         model.train(was_training)
     return torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-
-
-def _kl(before: torch.Tensor, after: torch.Tensor, mask: torch.Tensor | None) -> float:
-    kl = (before.exp() * (before - after)).sum(-1)  # (B, T)
-    if mask is not None:
-        return float((kl * mask).sum() / mask.sum().clamp(min=1))
-    return float(kl.mean())
 
 
 def _permute_optimizer_state(optimizer: torch.optim.Optimizer, layer: RoutedAdapterLinear, perm: torch.Tensor) -> None:
@@ -155,5 +149,5 @@ def regroup(
             report.layers.append(layer_report)
     if before is not None:
         after = _next_token_log_probs(model, probe_batch)
-        report.kl_drift = _kl(before, after, probe_batch.get("attention_mask"))
+        report.kl_drift = mean_token_kl(before, after, probe_batch.get("attention_mask"))
     return report

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from badit_serve.export_io import ExportError
 from training.checkpoint import latest_checkpoint, load_checkpoint, restore_training_state
 from training.config import ConfigError, load_config
-from training.data import DataError, encode_eval_prompt, load_tasks
+from training.data import DataError, encode_eval_prompts, load_tasks
 from training.export import export_dense, export_model, mean_kl, measure_routing
 from training.model_store import ModelNotFoundError, resolve_model
 from training.report import read_metrics
@@ -32,14 +32,6 @@ def _locate(path: Path) -> tuple[Path, Path]:
     raise ExportError(f"{path}: neither a run directory (with {CONFIG_FILE}) nor a checkpoint directory (with state.pt)")
 
 
-def _eval_prompts(cfg, tokenizer) -> dict[str, list[list[int]]]:
-    d = cfg.data
-    return {
-        t.name: [encode_eval_prompt(tokenizer, t, i, d.prompt_format, d.max_length, cfg.eval.max_new_tokens) for i in t.test]
-        for t in load_tasks(d)
-    }
-
-
 def export_run(source: Path, out_dir: Path, force: bool = False, dense: bool = False, probe_size: int = 32) -> Path:
     """Export a run's checkpoint; with `dense`, also `<out_dir>-dense` and its KL to the routed model."""
     run_dir, checkpoint = _locate(source)
@@ -53,7 +45,10 @@ def export_run(source: Path, out_dir: Path, force: bool = False, dense: bool = F
     ]
     shares_path = run_dir / SHARES_FILE
     shares = json.loads(shares_path.read_text()) if shares_path.is_file() else None
-    prompts = _eval_prompts(cfg, AutoTokenizer.from_pretrained(model_dir)) if dense or shares is None else {}
+    d = cfg.data
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    needed = dense or shares is None
+    prompts = encode_eval_prompts(tokenizer, load_tasks(d), d.prompt_format, d.max_length, cfg.eval.max_new_tokens) if needed else {}
     mean_weights = None
     if prompts:
         print(f"measuring routing on {sum(map(len, prompts.values()))} evaluation prompts ...", file=sys.stderr)

@@ -9,6 +9,7 @@ from training.data.prompts import (
     choose_reference,
     encode,
     encode_eval_prompt,
+    encode_eval_prompts,
     encode_train,
 )
 from training.data.superni import (
@@ -34,6 +35,7 @@ __all__ = [
     "collate_train",
     "encode",
     "encode_eval_prompt",
+    "encode_eval_prompts",
     "encode_train",
     "list_tasks",
     "load_raw_task",

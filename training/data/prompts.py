@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import bisect
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
 from training.data.superni import DataError, Instance, Task
+from training.loss import IGNORE_INDEX
 
 PromptFormat = Literal["chat", "raw"]
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -110,6 +111,16 @@ def encode_eval_prompt(
 ) -> list[int]:
     """Prompt ids for greedy generation, input cut so that prompt + max_new_tokens <= max_length."""
     return _fit_prompt(tokenizer, task, instance, fmt, max_length, max_new_tokens, "max_new_tokens")[0]
+
+
+def encode_eval_prompts(
+    tokenizer: PreTrainedTokenizerBase, tasks: Sequence[Task], fmt: PromptFormat, max_length: int, max_new_tokens: int
+) -> dict[str, list[list[int]]]:
+    """Task name -> the prompt ids of each of its test instances (`encode_eval_prompt`), in task order."""
+    return {
+        task.name: [encode_eval_prompt(tokenizer, task, inst, fmt, max_length, max_new_tokens) for inst in task.test]
+        for task in tasks
+    }
 
 
 def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:

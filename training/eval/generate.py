@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from training.config import EvalConfig
 from training.data.collate import collate_prompts
-from training.data.prompts import PromptFormat, encode_eval_prompt
+from training.data.prompts import PromptFormat, encode_eval_prompts
 from training.data.superni import Task
 from training.eval.scoring import TaskScore, score_task
 
@@ -98,11 +98,8 @@ def evaluate_tasks(
     if eos is None:
         raise ValueError("tokenizer has no eos_token_id; generation could not stop")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    prompts = [
-        encode_eval_prompt(tokenizer, task, inst, fmt, max_length, cfg.max_new_tokens)
-        for task in tasks
-        for inst in task.test
-    ]
+    by_task = encode_eval_prompts(tokenizer, tasks, fmt, max_length, cfg.max_new_tokens)
+    prompts = [ids for name in names for ids in by_task[name]]
     predictions = generate_predictions(
         model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, int(eos), int(pad), progress=progress
     )
