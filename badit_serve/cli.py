@@ -55,10 +55,14 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
-        "--api-key", default=env.get(ENV_API_KEY) or None, help=f"require this bearer token on /v1 routes (default: ${ENV_API_KEY})"
+        "--api-key",
+        default=env.get(ENV_API_KEY) or None,
+        help=f"require this bearer token on /v1 routes (default: ${ENV_API_KEY})",
     )
     parser.add_argument("--served-model-name", default=None, help="model name in the API (default: the path)")
-    parser.add_argument("--no-verify-checksums", action="store_true", help="skip the sha256 check of the export")
+    parser.add_argument(
+        "--no-verify-checksums", action="store_true", help="skip the sha256 check of the export"
+    )
     return parser
 
 
@@ -73,7 +77,15 @@ def _given(passthrough: list[str], flag: str) -> bool:
 
 def vllm_argv(opts: argparse.Namespace, passthrough: list[str], on_cpu: bool) -> list[str]:
     """The argument list for vLLM's serve parser."""
-    argv = [str(opts.export_dir), "--host", opts.host, "--port", str(opts.port), "--worker-extension-cls", WORKER_EXTENSION]
+    argv = [
+        str(opts.export_dir),
+        "--host",
+        opts.host,
+        "--port",
+        str(opts.port),
+        "--worker-extension-cls",
+        WORKER_EXTENSION,
+    ]
     if opts.api_key:
         argv += ["--api-key", opts.api_key]
     if opts.served_model_name:

@@ -46,14 +46,22 @@ def build_response(state: BaditServingState, stats: dict[str, Any]) -> ExpertsRe
         experts = [
             ExpertCounts(
                 expert=e,
-                label=getattr(entries.get(module, {}).get(e), "label", None) or table.expert_labels.get(str(e)),
+                label=getattr(entries.get(module, {}).get(e), "label", None)
+                or table.expert_labels.get(str(e)),
                 tokens=count,
                 router_weight_sum=max(weight, 0.0),
             )
-            for e, (count, weight) in enumerate(zip(layer["tokens"], layer["router_weight_sums"], strict=True))
+            for e, (count, weight) in enumerate(
+                zip(layer["tokens"], layer["router_weight_sums"], strict=True)
+            )
         ]
         layers.append(
-            LayerCounts(module=module, layer=layer_label(module), tokens=sum(layer["tokens"]) // per_token, experts=experts)
+            LayerCounts(
+                module=module,
+                layer=layer_label(module),
+                tokens=sum(layer["tokens"]) // per_token,
+                experts=experts,
+            )
         )
     return ExpertsResponse(
         model=state.model_name,

@@ -50,7 +50,10 @@ def expert_counters() -> ExpertCounters:
 
     return ExpertCounters(
         tokens=Counter(
-            "badit_expert_tokens", "Tokens routed to each expert of each Badit layer.", ["layer", "expert"], registry=None
+            "badit_expert_tokens",
+            "Tokens routed to each expert of each Badit layer.",
+            ["layer", "expert"],
+            registry=None,
         ),
         tokens_by_ability=Counter(
             "badit_expert_tokens_by_ability",
@@ -59,7 +62,10 @@ def expert_counters() -> ExpertCounters:
             registry=None,
         ),
         router_weight_sum=Counter(
-            "badit_router_weight_sum", "Sum of each expert's routing weights per Badit layer.", ["layer", "expert"], registry=None
+            "badit_router_weight_sum",
+            "Sum of each expert's routing weights per Badit layer.",
+            ["layer", "expert"],
+            registry=None,
         ),
     )
 
@@ -111,7 +117,9 @@ class ExpertStatsCollector:
                         label = self.expert_labels.get(str(expert), UNLABELLED)
                         counters.tokens_by_ability.labels(expert=str(expert), label=label)
         if self._thread is None and interval > 0:
-            self._thread = threading.Thread(target=self._run, args=(interval,), name="badit-expert-metrics", daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, args=(interval,), name="badit-expert-metrics", daemon=True
+            )
             self._thread.start()
 
     def stop(self) -> None:

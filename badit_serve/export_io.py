@@ -155,7 +155,9 @@ class LoadedExport:
     def base_tensors(self) -> dict[str, torch.Tensor]:
         """Everything except expert tensors (the base weights with residuals in place)."""
         expert_names = {
-            f"{expert_prefix(m)}.{s}" for m in self.block.adapted_modules for s in expert_tensor_shapes(self.block, 1, 1)
+            f"{expert_prefix(m)}.{s}"
+            for m in self.block.adapted_modules
+            for s in expert_tensor_shapes(self.block, 1, 1)
         }
         return {k: v for k, v in self.tensors.items() if k not in expert_names}
 
@@ -190,7 +192,9 @@ def read_block(export_dir: Path) -> tuple[dict, BaditBlock]:
             f"{export_dir / CONFIG_FILE}: base architecture {block.base_architecture!r} has no Badit class"
         )
     if config.get("architectures") != [expected]:
-        raise ExportError(f"{export_dir / CONFIG_FILE}: architectures={config.get('architectures')} but expected [{expected!r}]")
+        raise ExportError(
+            f"{export_dir / CONFIG_FILE}: architectures={config.get('architectures')} but expected [{expected!r}]"
+        )
     return config, block
 
 
@@ -240,14 +244,20 @@ def _check_expert_tensors(export_dir: Path, block: BaditBlock, tensors: dict[str
                 raise ExportError(f"{export_dir}: expert tensor {name!r} missing")
             tensor = tensors[name]
             if tuple(tensor.shape) != shape:
-                raise ExportError(f"{export_dir}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
+                raise ExportError(
+                    f"{export_dir}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}"
+                )
             if not tensor.is_floating_point():
-                raise ExportError(f"{export_dir}: tensor {name!r} has dtype {tensor.dtype}, expected a float dtype")
+                raise ExportError(
+                    f"{export_dir}: tensor {name!r} has dtype {tensor.dtype}, expected a float dtype"
+                )
             if not torch.isfinite(tensor).all():
                 raise ExportError(f"{export_dir}: tensor {name!r} contains NaN or inf")
     extra = sorted(n for n in tensors if ".badit_" in n and n not in expected_names)
     if extra:
-        raise ExportError(f"{export_dir}: unexpected expert tensor(s) {extra[:5]} not in badit.adapted_modules")
+        raise ExportError(
+            f"{export_dir}: unexpected expert tensor(s) {extra[:5]} not in badit.adapted_modules"
+        )
 
 
 def load_export(export_dir: str | Path, verify_checksums: bool = True) -> LoadedExport:

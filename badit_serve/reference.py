@@ -26,7 +26,9 @@ class RoutedLinear(nn.Module):
         self.lora_a = nn.Parameter(experts["lora_a"].float(), requires_grad=False)  # (K*R, d_in)
         self.lora_b = nn.Parameter(experts["lora_b"].float(), requires_grad=False)  # (d_out, K*R)
         router = experts.get("router")
-        self.router = None if router is None else nn.Parameter(router.float(), requires_grad=False)  # (K, d_in)
+        self.router = (
+            None if router is None else nn.Parameter(router.float(), requires_grad=False)
+        )  # (K, d_in)
         self.last_selected: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,11 +75,17 @@ def load_reference_model(
         try:
             base = model.get_submodule(module_name)
         except AttributeError as exc:
-            raise ExportError(f"{bundle.path}: adapted module {module_name!r} not found in the model") from exc
+            raise ExportError(
+                f"{bundle.path}: adapted module {module_name!r} not found in the model"
+            ) from exc
         if not isinstance(base, nn.Linear):
             raise ExportError(f"{bundle.path}: adapted module {module_name!r} is not an nn.Linear")
         parent_name, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, RoutedLinear(base, bundle.block, bundle.expert_tensors(module_name)))
+        setattr(
+            model.get_submodule(parent_name),
+            child,
+            RoutedLinear(base, bundle.block, bundle.expert_tensors(module_name)),
+        )
     model.badit_block = bundle.block
     model.badit_routing_table = bundle.routing_table
     return model.eval()

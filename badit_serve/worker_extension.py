@@ -37,7 +37,9 @@ class BaditWorkerExtension:
 
             model = self.model_runner.get_model()  # type: ignore[attr-defined]
             mlps = {
-                f"{name}.gate_proj": module for name, module in model.named_modules() if isinstance(module, BaditMLP)
+                f"{name}.gate_proj": module
+                for name, module in model.named_modules()
+                if isinstance(module, BaditMLP)
             }
             labels = _expert_labels(self.vllm_config.model_config.model)  # type: ignore[attr-defined]
             # Routing is replicated across tensor-parallel ranks: only rank 0 reports, or counts multiply.

@@ -51,16 +51,32 @@ def main() -> None:
                 plain_ms = _time(lambda x=x: base(x), args.repeats, device)
                 routed_ms = _time(lambda x=x, layer=layer: layer(x), args.repeats, device)
             train_ms = _time(lambda x=x, layer=layer: layer(x).sum().backward(), args.repeats, device)
-            rows.append({"method": method, "tokens": tokens, "plain_fwd_ms": plain_ms, "routed_fwd_ms": routed_ms,
-                         "overhead": routed_ms / plain_ms, "routed_fwd_bwd_ms": train_ms})
-    print(f"device: {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
-          f"gate_proj {args.d_in}->{args.d_out}, K=8 r=8 top-4")
-    print(f"{'method':<8} {'tokens':>6} {'plain fwd ms':>12} {'routed fwd ms':>13} {'x plain':>7} {'fwd+bwd ms':>10}")
+            rows.append(
+                {
+                    "method": method,
+                    "tokens": tokens,
+                    "plain_fwd_ms": plain_ms,
+                    "routed_fwd_ms": routed_ms,
+                    "overhead": routed_ms / plain_ms,
+                    "routed_fwd_bwd_ms": train_ms,
+                }
+            )
+    print(
+        f"device: {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+        f"gate_proj {args.d_in}->{args.d_out}, K=8 r=8 top-4"
+    )
+    print(
+        f"{'method':<8} {'tokens':>6} {'plain fwd ms':>12} {'routed fwd ms':>13} {'x plain':>7} {'fwd+bwd ms':>10}"
+    )
     for r in rows:
-        print(f"{r['method']:<8} {r['tokens']:>6} {r['plain_fwd_ms']:>12.3f} {r['routed_fwd_ms']:>13.3f} "
-              f"{r['overhead']:>7.2f} {r['routed_fwd_bwd_ms']:>10.3f}")
+        print(
+            f"{r['method']:<8} {r['tokens']:>6} {r['plain_fwd_ms']:>12.3f} {r['routed_fwd_ms']:>13.3f} "
+            f"{r['overhead']:>7.2f} {r['routed_fwd_bwd_ms']:>10.3f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+    args.out.write_text(
+        json.dumps({"device": str(device), "threads": torch.get_num_threads(), "rows": rows}, indent=2)
+    )
     print(f"wrote {args.out}")
 
 

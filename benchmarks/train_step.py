@@ -32,7 +32,9 @@ def _measure(method: str, batch: int, length: int, steps: int, queue: mp.Queue) 
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m-instruct"), dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m-instruct"), dtype=dtype).to(
+        device
+    )
     apply_adapters(model, AdapterConfig(method=method), seed=0)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
@@ -58,9 +60,21 @@ def _measure(method: str, batch: int, length: int, steps: int, queue: mp.Queue) 
     start = time.perf_counter()
     regroup(model, optimizer) if method == "badit" else None
     regroup_s = time.perf_counter() - start if method == "badit" else None
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put({"method": method, "device": str(device), "step_s": sum(times) / len(times), "peak_mib": peak, "regroup_s": regroup_s,
-               "trainable": sum(p.numel() for p in trainable_parameters(model))})
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    queue.put(
+        {
+            "method": method,
+            "device": str(device),
+            "step_s": sum(times) / len(times),
+            "peak_mib": peak,
+            "regroup_s": regroup_s,
+            "trainable": sum(p.numel() for p in trainable_parameters(model)),
+        }
+    )
 
 
 def main() -> None:
@@ -79,11 +93,15 @@ def main() -> None:
         proc.start()
         rows.append(queue.get())
         proc.join()
-    print(f"SmolLM2-135M-Instruct, batch {args.batch} x {args.length} tokens (50 response tokens each), gate_proj adapters")
+    print(
+        f"SmolLM2-135M-Instruct, batch {args.batch} x {args.length} tokens (50 response tokens each), gate_proj adapters"
+    )
     print(f"{'method':<8} {'device':<6} {'trainable':>10} {'s/step':>8} {'peak MiB':>9} {'regroup s':>9}")
     for r in rows:
         regroup_s = f"{r['regroup_s']:.2f}" if r["regroup_s"] is not None else "-"
-        print(f"{r['method']:<8} {r['device']:<6} {r['trainable']:>10,} {r['step_s']:>8.2f} {r['peak_mib']:>9.0f} {regroup_s:>9}")
+        print(
+            f"{r['method']:<8} {r['device']:<6} {r['trainable']:>10,} {r['step_s']:>8.2f} {r['peak_mib']:>9.0f} {regroup_s:>9}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"batch": args.batch, "length": args.length, "rows": rows}, indent=2))
     print(f"wrote {args.out}")

@@ -65,7 +65,9 @@ def expert_table(metrics_text: str) -> str:
     total = sum(per_expert.values()) or 1.0
     rows = [f"{'expert':>6} {'tokens x layers':>16} {'share':>7}  ability label (tasks routing to it most)"]
     for expert in sorted(per_expert, key=int):
-        rows.append(f"{expert:>6} {per_expert[expert]:>16,.0f} {per_expert[expert] / total:>7.1%}  {labels.get(expert, '')}")
+        rows.append(
+            f"{expert:>6} {per_expert[expert]:>16,.0f} {per_expert[expert] / total:>7.1%}  {labels.get(expert, '')}"
+        )
     return "\n".join(rows)
 
 
@@ -91,8 +93,17 @@ def main() -> None:
     print(f"server log: {log_path}", flush=True)
     log = log_path.open("w")
     server = subprocess.Popen(
-        [str(BIN / "badit-serve"), args.export_dir, "--port", str(port), "--served-model-name", "badit-quickstart"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        [
+            str(BIN / "badit-serve"),
+            args.export_dir,
+            "--port",
+            str(port),
+            "--served-model-name",
+            "badit-quickstart",
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         try:
@@ -109,10 +120,15 @@ def main() -> None:
             "\n\nA gorgeous, witty, seductive movie."
         )
         reply = client.chat.completions.create(
-            model="badit-quickstart", messages=[{"role": "user", "content": question}], max_tokens=32, temperature=0
+            model="badit-quickstart",
+            messages=[{"role": "user", "content": question}],
+            max_tokens=32,
+            temperature=0,
         )
         print(f"user:      {question}\nassistant: {reply.choices[0].message.content!r}")
-        print(f"usage:     {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens")
+        print(
+            f"usage:     {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens"
+        )
 
         banner("5/5 Per-expert activation (from /metrics)")
         time.sleep(2)  # the metrics collector flushes periodically

@@ -16,7 +16,10 @@ from training.adapters import (
 )
 from training.export import export_model, measure_task_shares
 
-LABEL_TASKS = {"task001_alpha": [[5, 6, 7, 8, 9, 10]], "task002_beta": [[300, 301, 302], [4000, 4001, 4002, 4003]]}
+LABEL_TASKS = {
+    "task001_alpha": [[5, 6, 7, 8, 9, 10]],
+    "task002_beta": [[300, 301, 302], [4000, 4001, 4002, 4003]],
+}
 
 
 def trained_model(model_dir: Path, method: str = "badit", steps: int = 3, seed: int = 0) -> torch.nn.Module:
@@ -38,7 +41,12 @@ def trained_model(model_dir: Path, method: str = "badit", steps: int = 3, seed: 
 
 
 def make_export(
-    model_dir: Path, out_dir: Path, method: str = "badit", steps: int = 3, seed: int = 0, labelled: bool = False
+    model_dir: Path,
+    out_dir: Path,
+    method: str = "badit",
+    steps: int = 3,
+    seed: int = 0,
+    labelled: bool = False,
 ) -> Path:
     """`trained_model` exported to `out_dir` (with ability labels measured on two toy tasks if `labelled`)."""
     model = trained_model(model_dir, method, steps, seed)

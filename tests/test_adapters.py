@@ -55,7 +55,9 @@ def test_bad_residual_is_not_exact_under_top_k(tiny_model_dirs: dict[str, Path])
     """The paper's literal residual form drops the unselected experts' share: documented, not exact."""
     input_ids = _tokens()
     base_logits = _load(tiny_model_dirs["llama"])(input_ids).logits
-    model = apply_adapters(_load(tiny_model_dirs["llama"]), AdapterConfig(init="bad-residual", rank=4), seed=0)
+    model = apply_adapters(
+        _load(tiny_model_dirs["llama"]), AdapterConfig(init="bad-residual", rank=4), seed=0
+    )
     assert (model(input_ids).logits - base_logits).abs().max().item() > 1e-3
 
 
@@ -70,7 +72,9 @@ def test_bad_init_uses_top_singular_components_in_contiguous_blocks(tiny_model_d
     assert layer.component_ids.tolist() == list(range(32))
     # s * B A equals the rank-32 truncated SVD of W, expert e holding components [4e, 4e+4).
     u, sv, vh = torch.linalg.svd(weight, full_matrices=False)
-    torch.testing.assert_close(s * layer.lora_b @ layer.lora_a, (u[:, :32] * sv[:32]) @ vh[:32], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        s * layer.lora_b @ layer.lora_a, (u[:, :32] * sv[:32]) @ vh[:32], atol=1e-5, rtol=1e-5
+    )
     for e in range(8):
         block = slice(4 * e, 4 * e + 4)
         expert = s * layer.lora_b[:, block] @ layer.lora_a[block]
@@ -120,7 +124,10 @@ def test_regroup_is_a_permutation_and_moves_optimizer_state(tiny_model_dirs: dic
     before_terms = {n: _rank_one_terms(layer) for n, layer in layers.items()}
     before_sum = {n: layer.expert_factors()[1] @ layer.expert_factors()[0] for n, layer in layers.items()}
     before_state = {
-        n: {int(cid): optimizer.state[layer.lora_a]["exp_avg"][slot].clone() for slot, cid in enumerate(layer.component_ids)}
+        n: {
+            int(cid): optimizer.state[layer.lora_a]["exp_avg"][slot].clone()
+            for slot, cid in enumerate(layer.component_ids)
+        }
         for n, layer in layers.items()
     }
     report = regroup(model, optimizer, probe_batch={"input_ids": _tokens(seed=99)})
@@ -135,7 +142,9 @@ def test_regroup_is_a_permutation_and_moves_optimizer_state(tiny_model_dirs: dic
         a, b = layer.expert_factors()
         torch.testing.assert_close(b @ a, before_sum[name], atol=1e-6, rtol=0)
         for slot, cid in enumerate(ids):
-            torch.testing.assert_close(optimizer.state[layer.lora_a]["exp_avg"][slot], before_state[name][cid])
+            torch.testing.assert_close(
+                optimizer.state[layer.lora_a]["exp_avg"][slot], before_state[name][cid]
+            )
         assert int(layer.dog_steps) == 0 and layer.dog_grad_a.abs().sum() == 0
 
 
@@ -147,7 +156,9 @@ def test_regroup_with_equal_gates_keeps_layer_output(tiny_model_dirs: dict[str, 
     with torch.no_grad():
         for layer in adapted_layers(model).values():
             layer.router.weight.zero_()
-    optimizer = torch.optim.SGD([p for n, p in model.named_parameters() if p.requires_grad and "router" not in n], lr=0.05)
+    optimizer = torch.optim.SGD(
+        [p for n, p in model.named_parameters() if p.requires_grad and "router" not in n], lr=0.05
+    )
     for step in range(2):
         ids = _tokens(seed=step)
         model(input_ids=ids, labels=ids).loss.backward()
@@ -213,7 +224,14 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="pissa"):
         AdapterConfig(method="pissa", num_experts=2)
     spec = layer_spec(AdapterConfig(method="badit"))
-    assert (spec.num_experts, spec.rank, spec.top_k, spec.gate_scale, spec.router, spec.init) == (8, 8, 4, 4.0, "topk", "bad")
+    assert (spec.num_experts, spec.rank, spec.top_k, spec.gate_scale, spec.router, spec.init) == (
+        8,
+        8,
+        4,
+        4.0,
+        "topk",
+        "bad",
+    )
     assert layer_spec(AdapterConfig(method="loramoe")).router == "dense"
     assert layer_spec(AdapterConfig(method="pissa")).init == "bad-residual"
 

@@ -36,13 +36,20 @@ def test_paper_settings() -> None:
     cfg = load_config(CONFIG_DIR / "superni15_mixed.yaml")
     r = cfg.adapter.resolved_values()
     assert (r["num_experts"], cfg.adapter.rank, r["top_k"], cfg.adapter.dropout) == (8, 8, 4, 0.05)
-    assert (cfg.train.lr, cfg.train.scheduler, cfg.train.warmup_ratio, cfg.train.epochs) == (2e-4, "cosine", 0.03, 10)
+    assert (cfg.train.lr, cfg.train.scheduler, cfg.train.warmup_ratio, cfg.train.epochs) == (
+        2e-4,
+        "cosine",
+        0.03,
+        10,
+    )
     assert (cfg.data.max_length, cfg.data.max_target_tokens) == (1024, 50)
     assert load_config(CONFIG_DIR / "superni15_sequential.yaml").train.mode == "sequential"
 
 
 def test_dotted_overrides_are_typed() -> None:
-    cfg = load_config(CONFIG_DIR / "quickstart.yaml", ["train.lr=1e-4", "adapter.dog.every_n_steps=7", "data.tasks=[a, b]"])
+    cfg = load_config(
+        CONFIG_DIR / "quickstart.yaml", ["train.lr=1e-4", "adapter.dog.every_n_steps=7", "data.tasks=[a, b]"]
+    )
     assert cfg.train.lr == 1e-4 and cfg.adapter.dog.every_n_steps == 7 and cfg.data.tasks == ["a", "b"]
 
 
@@ -89,7 +96,11 @@ def test_grafana_dashboard_queries_the_served_series() -> None:
 
     dashboard = json.loads((CONFIG_DIR.parent / "docs" / "grafana-badit.json").read_text())
     exprs = " ".join(t["expr"] for panel in dashboard["panels"] for t in panel["targets"])
-    for series in ("badit_expert_tokens_total", "badit_expert_tokens_by_ability_total", "badit_router_weight_sum_total"):
+    for series in (
+        "badit_expert_tokens_total",
+        "badit_expert_tokens_by_ability_total",
+        "badit_router_weight_sum_total",
+    ):
         assert series in exprs
     from badit_serve import expert_metrics
 

@@ -29,7 +29,9 @@ def _trained_model(model_dir: Path, method: str = "badit", steps: int = 3) -> to
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
 @pytest.mark.parametrize("method", ["badit", "pissa", "loramoe"])
-def test_round_trip_reproduces_training_logits(tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str, method: str) -> None:
+def test_round_trip_reproduces_training_logits(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str, method: str
+) -> None:
     model = _trained_model(tiny_model_dirs[family], method)
     out = export_model(model, tiny_model_dirs[family], tmp_path / "export")
     reference = load_reference_model(out)
@@ -41,23 +43,33 @@ def test_round_trip_reproduces_training_logits(tiny_model_dirs: dict[str, Path],
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
 
 
-def test_routing_table_records_components_and_task_shares(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_routing_table_records_components_and_task_shares(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     model = _trained_model(tiny_model_dirs["llama"])
     shares = measure_task_shares(model, {"task_a": [[5, 6, 7, 8]], "task_b": [[9, 10, 11], [12, 13]]})
     for per_task in shares.values():
         for per_expert in per_task.values():
             assert sum(per_expert) == pytest.approx(4.0)  # each token selects top_k = 4 experts
-    out = export_model(model, tiny_model_dirs["llama"], tmp_path / "export", task_shares=shares, dog_history=[{"step": 3}])
+    out = export_model(
+        model, tiny_model_dirs["llama"], tmp_path / "export", task_shares=shares, dog_history=[{"step": 3}]
+    )
     table = load_export(out).routing_table
     assert len(table.layers) == 2 and table.dog_history == [{"step": 3}]
     ids = sorted(c.svd_index for e in table.layers[0].experts for c in e.components)
     assert ids == list(range(32))
-    assert all(e.label for e in table.layers[0].experts) and set(table.expert_labels) == {str(e) for e in range(8)}
+    assert all(e.label for e in table.layers[0].experts) and set(table.expert_labels) == {
+        str(e) for e in range(8)
+    }
 
 
 @pytest.fixture(scope="module")
 def good_export(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_model(_trained_model(tiny_model_dirs["llama"], steps=1), tiny_model_dirs["llama"], tmp_path_factory.mktemp("good") / "export")
+    return export_model(
+        _trained_model(tiny_model_dirs["llama"], steps=1),
+        tiny_model_dirs["llama"],
+        tmp_path_factory.mktemp("good") / "export",
+    )
 
 
 def _corrupt_copy(src: Path, dst: Path) -> Path:
@@ -94,20 +106,47 @@ def _flip_last_byte(path: Path) -> None:
 
 PREFIX = expert_prefix("model.layers.0.mlp.gate_proj")
 CORRUPTIONS = {
-    "missing expert tensor": (lambda e: _rewrite_weights(e, lambda t: t.pop(f"{PREFIX}.lora_a")), f"{PREFIX}.lora_a"),
-    "extra expert tensor": (lambda e: _rewrite_weights(e, lambda t: t.update({"model.layers.0.mlp.badit_up.lora_a": torch.zeros(2, 2)})), "unexpected expert tensor"),
-    "wrong shape": (lambda e: _rewrite_weights(e, lambda t: t.update({f"{PREFIX}.router": torch.zeros(3, 128)})), "shape"),
-    "wrong dtype": (lambda e: _rewrite_weights(e, lambda t: t.update({f"{PREFIX}.router": torch.zeros(8, 128, dtype=torch.int32)})), "dtype"),
-    "missing base tensor": (lambda e: _rewrite_weights(e, lambda t: t.pop("model.norm.weight")), "model.norm.weight"),
+    "missing expert tensor": (
+        lambda e: _rewrite_weights(e, lambda t: t.pop(f"{PREFIX}.lora_a")),
+        f"{PREFIX}.lora_a",
+    ),
+    "extra expert tensor": (
+        lambda e: _rewrite_weights(
+            e, lambda t: t.update({"model.layers.0.mlp.badit_up.lora_a": torch.zeros(2, 2)})
+        ),
+        "unexpected expert tensor",
+    ),
+    "wrong shape": (
+        lambda e: _rewrite_weights(e, lambda t: t.update({f"{PREFIX}.router": torch.zeros(3, 128)})),
+        "shape",
+    ),
+    "wrong dtype": (
+        lambda e: _rewrite_weights(
+            e, lambda t: t.update({f"{PREFIX}.router": torch.zeros(8, 128, dtype=torch.int32)})
+        ),
+        "dtype",
+    ),
+    "missing base tensor": (
+        lambda e: _rewrite_weights(e, lambda t: t.pop("model.norm.weight")),
+        "model.norm.weight",
+    ),
     "checksum mismatch": (lambda e: _flip_last_byte(e / "tokenizer.json"), "sha256 mismatch"),
-    "unknown format version": (lambda e: _rewrite_config(e, lambda c: c["badit"].update(format_version=99)), "format_version=99"),
-    "unknown architecture": (lambda e: _rewrite_config(e, lambda c: c["badit"].update(base_architecture="GPT2LMHeadModel")), "GPT2LMHeadModel"),
+    "unknown format version": (
+        lambda e: _rewrite_config(e, lambda c: c["badit"].update(format_version=99)),
+        "format_version=99",
+    ),
+    "unknown architecture": (
+        lambda e: _rewrite_config(e, lambda c: c["badit"].update(base_architecture="GPT2LMHeadModel")),
+        "GPT2LMHeadModel",
+    ),
     "missing file": (lambda e: (e / "routing_table.json").unlink(), "routing_table.json"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CORRUPTIONS))
-def test_corrupt_exports_are_rejected_with_a_clear_message(good_export: Path, tmp_path: Path, case: str) -> None:
+def test_corrupt_exports_are_rejected_with_a_clear_message(
+    good_export: Path, tmp_path: Path, case: str
+) -> None:
     corrupt, expected = CORRUPTIONS[case]
     export = _corrupt_copy(good_export, tmp_path / "export")
     corrupt(export)
@@ -115,7 +154,9 @@ def test_corrupt_exports_are_rejected_with_a_clear_message(good_export: Path, tm
         load_reference_model(export)
 
 
-def test_existing_out_dir_is_kept_without_force(good_export: Path, tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_existing_out_dir_is_kept_without_force(
+    good_export: Path, tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     model = _trained_model(tiny_model_dirs["llama"], steps=1)
     target = tmp_path / "export"
     target.mkdir()
@@ -127,7 +168,9 @@ def test_existing_out_dir_is_kept_without_force(good_export: Path, tiny_model_di
     assert not (target / "keep.txt").exists() and load_export(target)
 
 
-def test_interrupted_export_leaves_nothing(tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_export_leaves_nothing(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = _trained_model(tiny_model_dirs["llama"], steps=1)
 
     def boom(*args, **kwargs):
@@ -139,13 +182,21 @@ def test_interrupted_export_leaves_nothing(tiny_model_dirs: dict[str, Path], tmp
     assert list(tmp_path.iterdir()) == []
 
 
-def test_dense_export_of_an_untrained_adapter_reproduces_the_base_model(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_dense_export_of_an_untrained_adapter_reproduces_the_base_model(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     from training.export import export_dense, measure_routing
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["qwen3"], dtype=torch.float32).eval()
-    model = apply_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["qwen3"], dtype=torch.float32), AdapterConfig(rank=4), seed=0).eval()
+    model = apply_adapters(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dirs["qwen3"], dtype=torch.float32),
+        AdapterConfig(rank=4),
+        seed=0,
+    ).eval()
     _, mean_weights = measure_routing(model, {"t": [[5, 6, 7, 8, 9]]})
-    assert all(sum(w) == pytest.approx(4.0) for w in mean_weights.values())  # gate_scale = top_k: weights sum to 4
+    assert all(
+        sum(w) == pytest.approx(4.0) for w in mean_weights.values()
+    )  # gate_scale = top_k: weights sum to 4
     dense_dir = export_dense(model, tiny_model_dirs["qwen3"], tmp_path / "dense", mean_weights)
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in dense_dir.iterdir())  # readable by other users
     dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
@@ -158,14 +209,18 @@ def test_dense_export_folds_experts_by_mean_weight(tiny_model_dirs: dict[str, Pa
     from training.export import export_dense
 
     config = AdapterConfig(method="loramoe", rank=4, dropout=0.0)
-    model = apply_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"], dtype=torch.float32), config, seed=0)
+    model = apply_adapters(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"], dtype=torch.float32), config, seed=0
+    )
     with torch.no_grad():
         for layer in adapted_layers(model).values():
             layer.router.weight.zero_()  # uniform softmax: every token weighs each expert 1/8
             layer.lora_b.normal_(0, 0.05)
     model.eval()
     uniform = {name: [1 / 8] * 8 for name in adapted_layers(model)}
-    dense = AutoModelForCausalLM.from_pretrained(export_dense(model, tiny_model_dirs["llama"], tmp_path / "dense", uniform), dtype=torch.float32)
+    dense = AutoModelForCausalLM.from_pretrained(
+        export_dense(model, tiny_model_dirs["llama"], tmp_path / "dense", uniform), dtype=torch.float32
+    )
     ids = torch.randint(3, 1000, (2, 10), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(dense(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
 
@@ -173,4 +228,6 @@ def test_dense_export_folds_experts_by_mean_weight(tiny_model_dirs: dict[str, Pa
 def test_export_files_are_world_readable(good_export: Path) -> None:
     """safetensors >= 0.8 writes 0600; a server running as another user (the container image's) must read it."""
     assert good_export.stat().st_mode & 0o777 == 0o755
-    assert {p.name: p.stat().st_mode & 0o777 for p in good_export.iterdir()} == {p.name: 0o644 for p in good_export.iterdir()}
+    assert {p.name: p.stat().st_mode & 0o777 for p in good_export.iterdir()} == {
+        p.name: 0o644 for p in good_export.iterdir()
+    }

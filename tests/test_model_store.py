@@ -17,7 +17,9 @@ def test_default_model_pins_end_of_turn_as_eos(default_model_dir: Path) -> None:
     assert GenerationConfig.from_pretrained(default_model_dir).eos_token_id == 2
     config = json.loads((default_model_dir / "config.json").read_text())
     assert config["eos_token_id"] == 2 and "quantization_config" not in config
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], tokenize=False)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], tokenize=False
+    )
     assert chat.rstrip().endswith("yo<|im_end|>")
 
 

@@ -31,7 +31,9 @@ def _peft_layers(model: torch.nn.Module) -> list:
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_lora_matches_peft(tiny_model_dirs: dict[str, Path], family: str) -> None:
     rank, alpha = 4, 16.0
-    ours = apply_adapters(_load(tiny_model_dirs[family]), AdapterConfig(method="lora", rank=rank, alpha=alpha, dropout=0.0))
+    ours = apply_adapters(
+        _load(tiny_model_dirs[family]), AdapterConfig(method="lora", rank=rank, alpha=alpha, dropout=0.0)
+    )
     theirs = _peft_model(tiny_model_dirs[family], True, rank, alpha)
     gen = torch.Generator().manual_seed(0)
     for layer, peft_layer in zip(adapted_layers(ours).values(), _peft_layers(theirs), strict=True):
@@ -55,7 +57,9 @@ def test_lora_matches_peft(tiny_model_dirs: dict[str, Path], family: str) -> Non
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_pissa_matches_peft(tiny_model_dirs: dict[str, Path], family: str) -> None:
     rank, alpha = 4, 8.0
-    ours = apply_adapters(_load(tiny_model_dirs[family]), AdapterConfig(method="pissa", rank=rank, alpha=alpha, dropout=0.0))
+    ours = apply_adapters(
+        _load(tiny_model_dirs[family]), AdapterConfig(method="pissa", rank=rank, alpha=alpha, dropout=0.0)
+    )
     theirs = _peft_model(tiny_model_dirs[family], "pissa", rank, alpha)
     for layer, peft_layer in zip(adapted_layers(ours).values(), _peft_layers(theirs), strict=True):
         torch.testing.assert_close(layer.lora_a, peft_layer.lora_A["default"].weight, atol=1e-6, rtol=1e-6)

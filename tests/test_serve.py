@@ -75,16 +75,29 @@ def server(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
     bundle = load_export(export)
     port = _free_port()
     command = [
-        str(Path(sys.executable).with_name("badit-serve")), str(export), "--port", str(port), "--api-key", API_KEY,
-        "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN), "--no-enable-prefix-caching",
+        str(Path(sys.executable).with_name("badit-serve")),
+        str(export),
+        "--port",
+        str(port),
+        "--api-key",
+        API_KEY,
+        "--served-model-name",
+        MODEL,
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--no-enable-prefix-caching",
     ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     log = root / "server.log"
     with log.open("w") as out:
         # cwd outside the repo: the repo root's badit.egg-info must not shadow the installed entry points.
-        proc = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    handle = Server(f"http://127.0.0.1:{port}", export, log, bundle.block.top_k, bundle.routing_table.expert_labels)
+        proc = subprocess.Popen(
+            command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    handle = Server(
+        f"http://127.0.0.1:{port}", export, log, bundle.block.top_k, bundle.routing_table.expert_labels
+    )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
@@ -119,7 +132,9 @@ def _expert_tokens(server: Server) -> dict[str, dict[str, float]]:
 
 
 def _experts_json(server: Server) -> dict:
-    response = httpx.get(f"{server.url}/v1/badit/experts", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    response = httpx.get(
+        f"{server.url}/v1/badit/experts", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -143,7 +158,11 @@ def test_chat_completion(server: Server) -> None:
 
 def test_streaming_chat_completion(server: Server) -> None:
     stream = server.client().chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Count."}], max_tokens=6, temperature=0, stream=True,
+        model=MODEL,
+        messages=[{"role": "user", "content": "Count."}],
+        max_tokens=6,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     pieces, usage = [], None
@@ -155,7 +174,9 @@ def test_streaming_chat_completion(server: Server) -> None:
 
 
 def test_text_completion(server: Server) -> None:
-    response = server.client().completions.create(model=MODEL, prompt="Once upon a time", max_tokens=5, temperature=0)
+    response = server.client().completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=5, temperature=0
+    )
     assert response.choices[0].finish_reason in {"length", "stop"} and response.usage.completion_tokens <= 5
 
 
@@ -164,7 +185,12 @@ def test_wrong_or_missing_api_key_is_rejected(server: Server) -> None:
         server.client(api_key="wrong").models.list()
     for path in ("/v1/models", "/v1/badit/experts"):
         assert httpx.get(f"{server.url}{path}", timeout=10).status_code == 401
-    assert httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x"}, timeout=10).status_code == 401
+    assert (
+        httpx.post(
+            f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x"}, timeout=10
+        ).status_code
+        == 401
+    )
 
 
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server: Server) -> None:
@@ -187,9 +213,13 @@ def test_expert_counters_grow_by_top_k_per_routed_token(server: Server) -> None:
     assert set(before) >= {"0", "1", "ability"}  # every series exists from the start (at 0 or more)
     client, forwarded = server.client(), 0
     for prompt, max_tokens in [("The cat sat on", 7), ("A", 3), ("Numbers: 1 2 3 4 5 6 7 8 9 10", 11)]:
-        usage = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0).usage
+        usage = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0
+        ).usage
         forwarded += usage.prompt_tokens + usage.completion_tokens - 1
-    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=4)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=4
+    )
     forwarded += chat.usage.prompt_tokens + chat.usage.completion_tokens - 1
     expected = server.top_k * forwarded
 
@@ -200,10 +230,18 @@ def test_expert_counters_grow_by_top_k_per_routed_token(server: Server) -> None:
         assert grown == expected, f"layer {layer}: {grown} != top_k {server.top_k} x {forwarded} tokens"
     grown_by_ability = sum(after["ability"].values()) - sum(before["ability"].values())
     assert grown_by_ability == 2 * expected  # two layers
-    assert {key.split("|")[1] for key in after["ability"]} <= set(server.expert_labels.values()) | {"unlabelled"}
+    assert {key.split("|")[1] for key in after["ability"]} <= set(server.expert_labels.values()) | {
+        "unlabelled"
+    }
 
-    assert experts["object"] == "badit.experts" and experts["model"] == MODEL and experts["top_k"] == server.top_k
-    assert [layer["module"] for layer in experts["layers"]] == [f"model.layers.{i}.mlp.gate_proj" for i in (0, 1)]
+    assert (
+        experts["object"] == "badit.experts"
+        and experts["model"] == MODEL
+        and experts["top_k"] == server.top_k
+    )
+    assert [layer["module"] for layer in experts["layers"]] == [
+        f"model.layers.{i}.mlp.gate_proj" for i in (0, 1)
+    ]
     for layer in experts["layers"]:
         assert sum(e["tokens"] for e in layer["experts"]) == sum(after[layer["layer"]].values())
         assert all(e["router_weight_sum"] >= 0 for e in layer["experts"])

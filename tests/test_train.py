@@ -14,7 +14,11 @@ from training.cli.train import main as train_main
 from training.config import load_config
 from training.run import RunError, run
 
-TASKS = ["task363_sst2_polarity_classification", "task073_commonsenseqa_answer_generation", "task1290_xsum_summarization"]
+TASKS = [
+    "task363_sst2_polarity_classification",
+    "task073_commonsenseqa_answer_generation",
+    "task1290_xsum_summarization",
+]
 
 
 def _overrides(model_dir: Path, superni_dir: Path, out: Path, **extra: object) -> list[str]:
@@ -47,9 +51,15 @@ def _cli(overrides: list[str], *flags: str) -> int:
 
 
 @pytest.mark.parametrize("method", ["badit", "lora", "pissa", "loramoe", "badit_no_dog", "badit_no_bad"])
-def test_every_method_trains_evaluates_and_exports(tiny_model_dirs, superni_dir, tmp_path, method, capsys) -> None:
+def test_every_method_trains_evaluates_and_exports(
+    tiny_model_dirs, superni_dir, tmp_path, method, capsys
+) -> None:
     out = tmp_path / "run"
-    extra = {"adapter.method": method, "adapter.dog.schedule": "every_n_steps", "adapter.dog.every_n_steps": 2}
+    extra = {
+        "adapter.method": method,
+        "adapter.dog.schedule": "every_n_steps",
+        "adapter.dog.every_n_steps": 2,
+    }
     assert _cli(_overrides(tiny_model_dirs["llama"], superni_dir, out, **extra)) == 0
     assert "Rouge-L" in capsys.readouterr().out
     for name in ("config.yaml", "metrics.jsonl", "scores.json", "report.md", "plots/loss.png"):
@@ -67,7 +77,9 @@ def test_every_method_trains_evaluates_and_exports(tiny_model_dirs, superni_dir,
 
 
 def test_run_dir_with_results_needs_force(tiny_model_dirs, superni_dir, tmp_path) -> None:
-    overrides = _overrides(tiny_model_dirs["llama"], superni_dir, tmp_path / "run", **{"eval.enabled": "false"})
+    overrides = _overrides(
+        tiny_model_dirs["llama"], superni_dir, tmp_path / "run", **{"eval.enabled": "false"}
+    )
     assert _cli(overrides) == 0
     with pytest.raises(RunError, match="--force"):
         run(load_config(None, overrides), tmp_path / "run", show_progress=False)
@@ -75,11 +87,20 @@ def test_run_dir_with_results_needs_force(tiny_model_dirs, superni_dir, tmp_path
 
 
 def test_killed_run_resumes_to_identical_weights(tiny_model_dirs, superni_dir, tmp_path) -> None:
-    extra = {"train.max_steps": 6, "output.checkpoint_every": 1, "adapter.dropout": 0.1, "eval.enabled": "false",
-             "adapter.dog.schedule": "every_n_steps", "adapter.dog.every_n_steps": 4, "train.grad_accum": 2}
+    extra = {
+        "train.max_steps": 6,
+        "output.checkpoint_every": 1,
+        "adapter.dropout": 0.1,
+        "eval.enabled": "false",
+        "adapter.dog.schedule": "every_n_steps",
+        "adapter.dog.every_n_steps": 4,
+        "train.grad_accum": 2,
+    }
     whole = load_config(None, _overrides(tiny_model_dirs["qwen3"], superni_dir, tmp_path / "whole", **extra))
     run(whole, show_progress=False)
-    killed = load_config(None, _overrides(tiny_model_dirs["qwen3"], superni_dir, tmp_path / "killed", **extra))
+    killed = load_config(
+        None, _overrides(tiny_model_dirs["qwen3"], superni_dir, tmp_path / "killed", **extra)
+    )
     with pytest.raises(KeyboardInterrupt):
         run(killed, show_progress=False, interrupt_at=3)
     assert load_checkpoint(latest_checkpoint(tmp_path / "killed"))["progress"]["global_step"] == 3
@@ -91,9 +112,15 @@ def test_killed_run_resumes_to_identical_weights(tiny_model_dirs, superni_dir, t
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
 
 
-def test_sequential_mode_evaluates_every_task_after_each_stage(tiny_model_dirs, superni_dir, tmp_path) -> None:
-    extra = {"train.mode": "sequential", "data.tasks": "[" + ", ".join(TASKS) + "]", "train.task_order": "[" + ", ".join(reversed(TASKS)) + "]",
-             "train.max_steps": 1}
+def test_sequential_mode_evaluates_every_task_after_each_stage(
+    tiny_model_dirs, superni_dir, tmp_path
+) -> None:
+    extra = {
+        "train.mode": "sequential",
+        "data.tasks": "[" + ", ".join(TASKS) + "]",
+        "train.task_order": "[" + ", ".join(reversed(TASKS)) + "]",
+        "train.max_steps": 1,
+    }
     cfg = load_config(None, _overrides(tiny_model_dirs["gemma2"], superni_dir, tmp_path / "run", **extra))
     scores = run(cfg, show_progress=False)
     assert scores["tasks"] == list(reversed(TASKS))
@@ -109,8 +136,14 @@ def test_torchrun_two_cpu_ranks_match_one_process(tiny_model_dirs, superni_dir, 
     import subprocess
     import sys
 
-    extra = {"train.max_steps": 4, "adapter.dropout": 0.0, "eval.enabled": "false", "train.batch_size": 4,
-             "adapter.dog.schedule": "every_n_steps", "adapter.dog.every_n_steps": 2}
+    extra = {
+        "train.max_steps": 4,
+        "adapter.dropout": 0.0,
+        "eval.enabled": "false",
+        "train.batch_size": 4,
+        "adapter.dog.schedule": "every_n_steps",
+        "adapter.dog.every_n_steps": 2,
+    }
     single = load_config(None, _overrides(tiny_model_dirs["llama"], superni_dir, tmp_path / "one", **extra))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in each rank (OMP_NUM_THREADS=1): identical SVD initialisation
@@ -118,11 +151,26 @@ def test_torchrun_two_cpu_ranks_match_one_process(tiny_model_dirs, superni_dir, 
         run(single, show_progress=False)
     finally:
         torch.set_num_threads(threads)
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "training.cli.train", "--no-progress"]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "training.cli.train",
+        "--no-progress",
+    ]
     for item in _overrides(tiny_model_dirs["llama"], superni_dir, tmp_path / "ddp", **extra):
         args += ["--set", item]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = load_checkpoint(latest_checkpoint(tmp_path / "one"))["adapter"]
     b = load_checkpoint(latest_checkpoint(tmp_path / "ddp"))["adapter"]
@@ -133,13 +181,39 @@ def test_torchrun_two_cpu_ranks_match_one_process(tiny_model_dirs, superni_dir, 
 
 
 def test_single_mode_feeds_forward_transfer(tiny_model_dirs, superni_dir, tmp_path) -> None:
-    single_cfg = load_config(None, _overrides(tiny_model_dirs["llama"], superni_dir, tmp_path / "single", **{"train.mode": "single", "train.max_steps": 1}))
+    single_cfg = load_config(
+        None,
+        _overrides(
+            tiny_model_dirs["llama"],
+            superni_dir,
+            tmp_path / "single",
+            **{"train.mode": "single", "train.max_steps": 1},
+        ),
+    )
     single = run(single_cfg, show_progress=False)
-    assert single["mode"] == "single" and len(single["matrix"]) == 2 and set(single["final"]) == set(TASKS[:2])
-    mixed_cfg = load_config(None, _overrides(tiny_model_dirs["llama"], superni_dir, tmp_path / "mixed", **{"eval.single_run": str(tmp_path / "single")}))
+    assert (
+        single["mode"] == "single" and len(single["matrix"]) == 2 and set(single["final"]) == set(TASKS[:2])
+    )
+    mixed_cfg = load_config(
+        None,
+        _overrides(
+            tiny_model_dirs["llama"],
+            superni_dir,
+            tmp_path / "mixed",
+            **{"eval.single_run": str(tmp_path / "single")},
+        ),
+    )
     mixed = run(mixed_cfg, show_progress=False)
     expected = sum(mixed["final"][t]["rouge_l"] - single["final"][t]["rouge_l"] for t in TASKS[:2]) / 2
     assert mixed["continual"]["forward"] == pytest.approx(expected)
-    bad = load_config(None, _overrides(tiny_model_dirs["llama"], superni_dir, tmp_path / "bad", **{"eval.single_run": str(tmp_path / "mixed")}))
+    bad = load_config(
+        None,
+        _overrides(
+            tiny_model_dirs["llama"],
+            superni_dir,
+            tmp_path / "bad",
+            **{"eval.single_run": str(tmp_path / "mixed")},
+        ),
+    )
     with pytest.raises(RunError, match="not 'single'"):
         run(bad, show_progress=False)

@@ -20,8 +20,17 @@ D_IN, INTER, K, R = 16, 12, 4, 2
 
 def _block(router: str = "topk", top_k: int = 2, num_experts: int = K, **overrides) -> BaditBlock:
     fields = dict(
-        method="badit", init="bad", base_architecture="LlamaForCausalLM", num_experts=num_experts, rank=R,
-        train_rank=R, top_k=top_k, scaling=0.5, gate_scale=2.0, router=router, target_modules=["gate_proj"],
+        method="badit",
+        init="bad",
+        base_architecture="LlamaForCausalLM",
+        num_experts=num_experts,
+        rank=R,
+        train_rank=R,
+        top_k=top_k,
+        scaling=0.5,
+        gate_scale=2.0,
+        router=router,
+        target_modules=["gate_proj"],
         adapted_modules=["model.layers.0.mlp.gate_proj"],
     )
     return BaditBlock(**{**fields, **overrides})
@@ -63,13 +72,19 @@ def _experts(block: BaditBlock, seed: int = 0) -> dict[str, torch.Tensor]:
     return experts
 
 
-@pytest.mark.parametrize(("router", "top_k", "num_experts"), [("topk", 2, K), ("dense", K, K), ("none", 1, 1)])
+@pytest.mark.parametrize(
+    ("router", "top_k", "num_experts"), [("topk", 2, K), ("dense", K, K), ("none", 1, 1)]
+)
 def test_badit_mlp_matches_reference_routed_linear(router: str, top_k: int, num_experts: int) -> None:
     from badit_serve.vllm_models.mlp import BaditMLP
 
     block = _block(router, top_k, num_experts)
     torch.manual_seed(0)
-    gate, up, down = nn.Linear(D_IN, INTER, bias=False), nn.Linear(D_IN, INTER, bias=False), nn.Linear(INTER, D_IN, bias=False)
+    gate, up, down = (
+        nn.Linear(D_IN, INTER, bias=False),
+        nn.Linear(D_IN, INTER, bias=False),
+        nn.Linear(INTER, D_IN, bias=False),
+    )
     experts = _experts(block)
     mlp = BaditMLP(block, _FakeMerged(gate, up), _FakeRow(down), _silu_and_mul, tp_rank=0)
     for name, tensor in experts.items():
@@ -117,7 +132,10 @@ def test_collector_counts_only_after_start_and_reports_differences() -> None:
 
     from badit_serve import expert_metrics
 
-    mlp = SimpleNamespace(expert_tokens=torch.tensor([100, 50]), router_weight_sums=torch.tensor([9.0, 9.0], dtype=torch.float64))
+    mlp = SimpleNamespace(
+        expert_tokens=torch.tensor([100, 50]),
+        router_weight_sums=torch.tensor([9.0, 9.0], dtype=torch.float64),
+    )
     collector = expert_metrics.ExpertStatsCollector({"model.layers.3.mlp.gate_proj": mlp}, {"0": "alpha"})  # type: ignore[dict-item]
     assert collector.flush() == []  # not started: warm-up counts are never reported
     counters = expert_metrics.expert_counters()
@@ -169,11 +187,27 @@ def test_experts_response_merges_counts_with_the_routing_table() -> None:
 
     block = _block()
     table = RoutingTable.model_validate(
-        {"layers": [{"module": "model.layers.0.mlp.gate_proj", "experts": [{"expert": 0, "components": [], "label": "qa"}]}],
-         "expert_labels": {"1": "math"}}
+        {
+            "layers": [
+                {
+                    "module": "model.layers.0.mlp.gate_proj",
+                    "experts": [{"expert": 0, "components": [], "label": "qa"}],
+                }
+            ],
+            "expert_labels": {"1": "math"},
+        }
     )
     state = BaditServingState(None, "tiny", block, table, counting=True)
-    stats = {"started_at": 1.0, "layers": [{"module": "model.layers.0.mlp.gate_proj", "tokens": [4, 2, 2, 0], "router_weight_sums": [3.0, 1.0, 1.0, 0.0]}]}
+    stats = {
+        "started_at": 1.0,
+        "layers": [
+            {
+                "module": "model.layers.0.mlp.gate_proj",
+                "tokens": [4, 2, 2, 0],
+                "router_weight_sums": [3.0, 1.0, 1.0, 0.0],
+            }
+        ],
+    }
     response = build_response(state, stats)
     layer = response.layers[0]
     assert layer.layer == "0" and layer.tokens == 4  # 8 selections / top_k 2
@@ -184,7 +218,9 @@ def test_experts_response_merges_counts_with_the_routing_table() -> None:
 def test_cli_builds_vllm_arguments_with_defaults() -> None:
     from badit_serve.cli import WORKER_EXTENSION, build_parser, vllm_argv
 
-    opts, rest = build_parser().parse_known_args(["/x", "--port", "9", "--api-key", "k", "--max_model_len=64", "--enforce-eager"])
+    opts, rest = build_parser().parse_known_args(
+        ["/x", "--port", "9", "--api-key", "k", "--max_model_len=64", "--enforce-eager"]
+    )
     argv = vllm_argv(opts, rest, on_cpu=True)
     assert argv[:5] == ["/x", "--host", "127.0.0.1", "--port", "9"]
     assert ["--worker-extension-cls", WORKER_EXTENSION] == argv[5:7]
@@ -206,7 +242,9 @@ def test_cli_prepares_a_fresh_metrics_dir_and_the_plugin_allowlist(tmp_path: Pat
     assert fresh["VLLM_PLUGINS"] == "badit"
 
 
-def test_cli_rejects_an_invalid_export_with_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_rejects_an_invalid_export_with_exit_code_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from badit_serve.cli import main
 
     assert main([str(tmp_path / "missing")]) == 2
@@ -217,11 +255,19 @@ def test_cli_rejects_an_invalid_export_with_exit_code_2(tmp_path: Path, capsys: 
 def test_cli_reads_the_api_key_and_extra_options_from_the_environment() -> None:
     from badit_serve.cli import build_parser, command_line, vllm_argv
 
-    env = {"BADIT_API_KEY": "secret", "BADIT_SERVE_ARGS": "--enforce-eager --served-model-name 'my model' --port 9"}
+    env = {
+        "BADIT_API_KEY": "secret",
+        "BADIT_SERVE_ARGS": "--enforce-eager --served-model-name 'my model' --port 9",
+    }
     argv = command_line(["/model", "--host", "0.0.0.0", "--port", "8000"], env)
     assert argv[-5:] == ["--enforce-eager", "--served-model-name", "my model", "--port", "9"]
     opts, rest = build_parser(env).parse_known_args(argv)
-    assert (opts.api_key, opts.served_model_name, opts.port, rest) == ("secret", "my model", 9, ["--enforce-eager"])
+    assert (opts.api_key, opts.served_model_name, opts.port, rest) == (
+        "secret",
+        "my model",
+        9,
+        ["--enforce-eager"],
+    )
     vllm = vllm_argv(opts, rest, on_cpu=True)
     assert vllm[vllm.index("--api-key") + 1] == "secret"
     assert build_parser(env).parse_known_args(["/m", "--api-key", "cli"])[0].api_key == "cli"  # the flag wins

@@ -28,8 +28,11 @@ WORKER = Path(__file__).with_name("vllm_generate.py")
 def _vllm_generate(export: Path, tmp: Path, tensor_parallel_size: int = 1, eager: bool = True) -> list[dict]:
     request, result = tmp / "request.json", tmp / "result.json"
     spec = {
-        "export": str(export), "prompts": PROMPTS, "max_tokens": MAX_TOKENS,
-        "tensor_parallel_size": tensor_parallel_size, "enforce_eager": eager,
+        "export": str(export),
+        "prompts": PROMPTS,
+        "max_tokens": MAX_TOKENS,
+        "tensor_parallel_size": tensor_parallel_size,
+        "enforce_eager": eager,
     }
     request.write_text(json.dumps(spec))
     env = dict(os.environ)
@@ -38,7 +41,12 @@ def _vllm_generate(export: Path, tmp: Path, tensor_parallel_size: int = 1, eager
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(c) for c in cores)
     # cwd outside the repo: the repo root's badit.egg-info must not shadow the installed entry points.
     proc = subprocess.run(
-        [sys.executable, str(WORKER), str(request), str(result)], cwd=tmp, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(WORKER), str(request), str(result)],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(result.read_text())
@@ -48,10 +56,18 @@ def _vllm_generate(export: Path, tmp: Path, tensor_parallel_size: int = 1, eager
 def _reference_generate(model: torch.nn.Module, prompt: list[int]) -> tuple[list[int], list[float]]:
     ids = torch.tensor([prompt])  # (1, P)
     out = model.generate(
-        ids, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None, output_logits=True, return_dict_in_generate=True
+        ids,
+        max_new_tokens=MAX_TOKENS,
+        do_sample=False,
+        eos_token_id=None,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     tokens = out.sequences[0, len(prompt) :].tolist()
-    logprobs = [torch.log_softmax(step[0].float(), dim=-1)[t].item() for step, t in zip(out.logits, tokens, strict=True)]
+    logprobs = [
+        torch.log_softmax(step[0].float(), dim=-1)[t].item()
+        for step, t in zip(out.logits, tokens, strict=True)
+    ]
     return tokens, logprobs
 
 
@@ -72,7 +88,9 @@ half); qwen3 runs in vLLM's default torch.compile mode (the routing-stats custom
 @pytest.mark.parametrize(
     ("family", "tp", "eager"), CASES, ids=[f"{f}-tp{t}-{'eager' if e else 'compiled'}" for f, t, e in CASES]
 )
-def test_vllm_matches_reference(tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str, tp: int, eager: bool) -> None:
+def test_vllm_matches_reference(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str, tp: int, eager: bool
+) -> None:
     if tp > len(os.sched_getaffinity(0)):
         pytest.skip(f"tensor parallel {tp} needs {tp} cores")
     export = make_export(tiny_model_dirs[family], tmp_path / "export")

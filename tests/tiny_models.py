@@ -54,7 +54,9 @@ def build_tiny_model(family: str, tokenizer_dir: Path, out_dir: Path, seed: int 
             if param.dim() == 2:
                 param.normal_(0.0, 0.08)
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)

@@ -32,7 +32,9 @@ def main(request_path: str, result_path: str) -> None:
     result = []
     for output in outputs:
         completion = output.outputs[0]
-        logprobs = [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids, strict=True)]
+        logprobs = [
+            step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids, strict=True)
+        ]
         result.append({"token_ids": list(completion.token_ids), "logprobs": logprobs})
     with open(result_path, "w") as handle:
         json.dump(result, handle)

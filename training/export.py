@@ -47,7 +47,7 @@ def export_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if owner is None:
             tensors[key] = value
         elif key.startswith(f"{owner}.base."):
-            tensors[f"{owner}.{key[len(owner) + len('.base.'):]}"] = value
+            tensors[f"{owner}.{key[len(owner) + len('.base.') :]}"] = value
     if getattr(model.config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)
     for name, layer in layers.items():
@@ -107,8 +107,12 @@ def routing_table(
             for task, share in shares.items():
                 aggregate.setdefault(e, {}).setdefault(task, 0.0)
                 aggregate[e][task] += share
-            components = [Component(svd_index=ids[j], singular_value=sing[j]) for j in range(e * r, (e + 1) * r)]
-            experts.append(ExpertEntry(expert=e, components=components, label=_label(shares), task_shares=shares))
+            components = [
+                Component(svd_index=ids[j], singular_value=sing[j]) for j in range(e * r, (e + 1) * r)
+            ]
+            experts.append(
+                ExpertEntry(expert=e, components=components, label=_label(shares), task_shares=shares)
+            )
         entries.append(LayerEntry(module=name, experts=experts))
     labels = {str(e): label for e, shares in aggregate.items() if (label := _label(shares)) is not None}
     return RoutingTable(layers=entries, dog_history=dog_history or [], expert_labels=labels)
@@ -128,12 +132,16 @@ def measure_routing(
     was_training = model.training
     model.eval()
     shares: dict[str, dict[str, list[float]]] = {name: {} for name in layers}
-    weight_totals = {name: torch.zeros(layer.spec.num_experts, dtype=torch.float64) for name, layer in layers.items()}
+    weight_totals = {
+        name: torch.zeros(layer.spec.num_experts, dtype=torch.float64) for name, layer in layers.items()
+    }
     all_tokens = 0
     try:
         for task, sequences in sequences_by_task.items():
             for layer in layers.values():
-                layer.selection_counts = torch.zeros(layer.spec.num_experts, dtype=torch.float64, device=device)
+                layer.selection_counts = torch.zeros(
+                    layer.spec.num_experts, dtype=torch.float64, device=device
+                )
                 layer.weight_sums = torch.zeros(layer.spec.num_experts, dtype=torch.float64, device=device)
             tokens = 0
             for ids in sequences:
@@ -169,7 +177,9 @@ def dense_tensors(model: nn.Module, mean_weights: dict[str, list[float]]) -> dic
         k = layer.spec.num_experts
         rank = lora_a.shape[0] // k
         wbar = torch.tensor(mean_weights[name], dtype=torch.float32).repeat_interleave(rank)  # (K*R,)
-        fold = layer.spec.scaling * (lora_b.detach().float() * wbar[None, :]) @ lora_a.detach().float()  # (d_out, d_in)
+        fold = (
+            layer.spec.scaling * (lora_b.detach().float() * wbar[None, :]) @ lora_a.detach().float()
+        )  # (d_out, d_in)
         weight = tensors[f"{name}.weight"]
         tensors[f"{name}.weight"] = (weight.float() + fold).to(weight.dtype)
     return tensors
@@ -210,7 +220,11 @@ def write_plain_model(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial.", dir=out_dir.parent))
     try:
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(staging / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         for src in copy_files:
             shutil.copy2(src, staging / src.name)
         make_world_readable(staging)
@@ -236,7 +250,11 @@ def mean_kl(model_p: nn.Module, model_q: nn.Module, sequences: Iterable[list[int
 
 
 def export_dense(
-    model: nn.Module, model_dir: Path, out_dir: Path, mean_weights: dict[str, list[float]], force: bool = False
+    model: nn.Module,
+    model_dir: Path,
+    out_dir: Path,
+    mean_weights: dict[str, list[float]],
+    force: bool = False,
 ) -> Path:
     """Write the folded plain model (`dense_tensors`) as a base-architecture directory."""
     config = model.config.to_dict()

@@ -41,7 +41,9 @@ def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
 
     batch: input_ids (B, T), attention_mask (B, T), labels (B, T) with IGNORE_INDEX on prompt/padding.
     """
-    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = model.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
     targets = batch["labels"][:, 1:]  # (B, T-1) token t+1 is predicted at position t
     positions = targets != IGNORE_INDEX  # (B, T-1)
     selected = hidden[:, :-1][positions]  # (N, d)

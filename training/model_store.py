@@ -132,7 +132,9 @@ def _convert_gguf(gguf_path: Path, spec: BundledModel, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
     eos_id = tokenizer.convert_tokens_to_ids(spec.eos_token)
     if eos_id is None or eos_id == tokenizer.unk_token_id:
         raise RuntimeError(f"{gguf_path}: end-of-turn token {spec.eos_token!r} is not in the vocabulary")

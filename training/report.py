@@ -14,7 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    )
 
 
 def plot_loss(records: list[dict], out: Path) -> Path | None:
@@ -40,7 +42,12 @@ def plot_angles(records: list[dict], out: Path) -> Path | None:
         return None
     steps = [e["step"] for e in events]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, style in (("inter_before", "C0--"), ("inter_after", "C0-"), ("intra_before", "C1--"), ("intra_after", "C1-")):
+    for key, style in (
+        ("inter_before", "C0--"),
+        ("inter_after", "C0-"),
+        ("intra_before", "C1--"),
+        ("intra_after", "C1-"),
+    ):
         ax.plot(steps, [e[key] for e in events], style, marker="o", label=key.replace("_", " "))
     ax.set(xlabel="optimiser step", ylabel="degrees", title="Gradient angles between / within experts")
     ax.legend(fontsize=8)
@@ -68,7 +75,9 @@ def plot_expert_heatmap(shares: dict[str, list[float]], out: Path) -> Path | Non
     return out
 
 
-def write_report(run_dir: Path, scores: dict[str, Any], expert_shares: dict[str, list[float]] | None = None) -> Path:
+def write_report(
+    run_dir: Path, scores: dict[str, Any], expert_shares: dict[str, list[float]] | None = None
+) -> Path:
     """Tables of per-task and continual metrics plus the plots; returns report.md's path."""
     records = read_metrics(run_dir)
     plots = run_dir / "plots"
@@ -91,7 +100,11 @@ def write_report(run_dir: Path, scores: dict[str, Any], expert_shares: dict[str,
         lines += [f"| {k} | {v:.2f} |" for k, v in scores["continual"].items()]
     regroups = [r for r in records if r.get("event") == "regroup"]
     if regroups:
-        lines += ["", "| regroup at step | moved | inter before → after | intra before → after | KL drift |", "|---:|---:|---|---|---:|"]
+        lines += [
+            "",
+            "| regroup at step | moved | inter before → after | intra before → after | KL drift |",
+            "|---:|---:|---|---|---:|",
+        ]
         for r in regroups:
             kl = f"{r['kl_drift']:.2e}" if r.get("kl_drift") is not None else "-"
             lines.append(

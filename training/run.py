@@ -80,7 +80,9 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, force: bool) ->
         return load_checkpoint(checkpoint)
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
-            raise RunError(f"{run_dir}: already holds a run (use --resume to continue it or --force to replace it)")
+            raise RunError(
+                f"{run_dir}: already holds a run (use --resume to continue it or --force to replace it)"
+            )
         for child in run_dir.iterdir():
             if child.is_dir():
                 shutil.rmtree(child)
@@ -103,7 +105,9 @@ def run(
     """Train and evaluate per `cfg`; returns the scores dict also written to scores.json."""
     run_dir = Path(run_dir or cfg.output.dir)
     world = init_from_env()
-    single_scores = _single_scores(cfg.eval.single_run) if cfg.eval.single_run else None  # fail before training
+    single_scores = (
+        _single_scores(cfg.eval.single_run) if cfg.eval.single_run else None
+    )  # fail before training
     if resume and (run_dir / CONFIG_FILE).is_file():
         cfg = load_config(run_dir / CONFIG_FILE)
     if world.is_main or resume:
@@ -134,29 +138,60 @@ def run(
             restore_training_state(resume_state, model)
             resume_state = None
         examples = [
-            encode_train(tokenizer, task, inst, d.prompt_format, d.max_length, d.max_target_tokens, d.reference_seed)
+            encode_train(
+                tokenizer, task, inst, d.prompt_format, d.max_length, d.max_target_tokens, d.reference_seed
+            )
             for task in stage_tasks
             for inst in task.train
         ]
         ctx = StageContext(
-            cfg=cfg, run_dir=run_dir, log=log, stage=stage, stage_name=stage_name, pad_id=tokenizer.pad_token_id,
+            cfg=cfg,
+            run_dir=run_dir,
+            log=log,
+            stage=stage,
+            stage_name=stage_name,
+            pad_id=tokenizer.pad_token_id,
             global_step=progress["global_step"] - (progress["stage_step"] if resume_state else 0),
             progress_extra={"rows": rows, "order": [t.name for t in ordered]},
-            resume_state=resume_state, show_progress=show_progress, interrupt_at=interrupt_at, world=world,
+            resume_state=resume_state,
+            show_progress=show_progress,
+            interrupt_at=interrupt_at,
+            world=world,
         )
         result = train_stage(model, examples, ctx)
         eval_tasks = stage_tasks if mode == "single" else ordered
-        row: dict[str, Any] = {"stage": stage, "stage_name": stage_name, "step": result.global_step, "scores": {}}
+        row: dict[str, Any] = {
+            "stage": stage,
+            "stage_name": stage_name,
+            "step": result.global_step,
+            "scores": {},
+        }
         if cfg.eval.enabled and world.is_main:
-            scores = evaluate_tasks(model, tokenizer, eval_tasks, d.prompt_format, d.max_length, cfg.eval, progress=show_progress)
-            row["scores"] = {name: {"rouge_l": s.rouge_l, "exact_match": s.exact_match, "count": s.count} for name, s in scores.items()}
+            scores = evaluate_tasks(
+                model, tokenizer, eval_tasks, d.prompt_format, d.max_length, cfg.eval, progress=show_progress
+            )
+            row["scores"] = {
+                name: {"rouge_l": s.rouge_l, "exact_match": s.exact_match, "count": s.count}
+                for name, s in scores.items()
+            }
             _write_predictions(run_dir, stage, scores)
         rows.append(row)
-        progress = {"stage": stage + 1, "stage_step": 0, "global_step": result.global_step, "rows": rows,
-                    "order": [t.name for t in ordered]}
+        progress = {
+            "stage": stage + 1,
+            "stage_step": 0,
+            "global_step": result.global_step,
+            "rows": rows,
+            "order": [t.name for t in ordered],
+        }
         if world.is_main:
             log.write({"event": "eval", **row})
-            save_checkpoint(run_dir, model=model, optimizer=result.optimizer, scheduler=result.scheduler, progress=progress)
+            save_checkpoint(
+                run_dir,
+                model=model,
+                optimizer=result.optimizer,
+                scheduler=result.scheduler,
+                progress=progress,
+            )
         barrier(world)
     if not world.is_main:
         return {}
@@ -164,7 +199,9 @@ def run(
     _write_json(run_dir / SCORES_FILE, results)
     mean_shares = None
     if cfg.eval.enabled and mode != "single":
-        prompts = encode_eval_prompts(tokenizer, ordered, d.prompt_format, d.max_length, cfg.eval.max_new_tokens)
+        prompts = encode_eval_prompts(
+            tokenizer, ordered, d.prompt_format, d.max_length, cfg.eval.max_new_tokens
+        )
         shares = measure_task_shares(model, prompts)
         _write_json(run_dir / SHARES_FILE, shares)
         mean_shares = mean_over_layers(shares)
@@ -175,10 +212,14 @@ def run(
 def mean_over_layers(shares: dict[str, dict[str, list[float]]]) -> dict[str, list[float]]:
     """task -> per-expert share averaged over adapted layers."""
     layers = list(shares.values())
-    return {
-        task: [sum(layer[task][e] for layer in layers) / len(layers) for e in range(len(layers[0][task]))]
-        for task in layers[0]
-    } if layers else {}
+    return (
+        {
+            task: [sum(layer[task][e] for layer in layers) / len(layers) for e in range(len(layers[0][task]))]
+            for task in layers[0]
+        }
+        if layers
+        else {}
+    )
 
 
 def _single_scores(single_run: Path) -> dict[str, float]:
@@ -207,7 +248,9 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def summarize_scores(mode: str, order: list[str], rows: list[dict[str, Any]], single: dict[str, float] | None = None) -> dict[str, Any]:
+def summarize_scores(
+    mode: str, order: list[str], rows: list[dict[str, Any]], single: dict[str, float] | None = None
+) -> dict[str, Any]:
     """scores.json: matrix a[j][i] (Rouge-L of task i after stage j), final per-task scores, CL metrics."""
     matrix = [[row["scores"].get(task, {}).get("rouge_l") for task in order] for row in rows]
     final: dict[str, dict[str, float]] = {}
@@ -221,7 +264,7 @@ def summarize_scores(mode: str, order: list[str], rows: list[dict[str, Any]], si
     if mode == "sequential" and len(rows) == len(order) and all(None not in r for r in matrix):
         results["continual"] = continual_metrics(matrix, [single[t] for t in order] if single else None)
     elif mode == "mixed" and single and rouge:
-        results["continual"] = {"forward": mixed_forward([final[t]["rouge_l"] for t in order], [single[t] for t in order])}
+        results["continual"] = {
+            "forward": mixed_forward([final[t]["rouge_l"] for t in order], [single[t] for t in order])
+        }
     return results
-
-

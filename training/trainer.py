@@ -74,7 +74,9 @@ class StageContext:
     """Data-parallel world: each rank takes every size-th example of a step; rank 0 logs and saves."""
 
 
-def _micro_batches(examples: list[TrainExample], indices: list[int], batch_size: int, pad_id: int) -> list[dict]:
+def _micro_batches(
+    examples: list[TrainExample], indices: list[int], batch_size: int, pad_id: int
+) -> list[dict]:
     return [
         collate_train([examples[i] for i in indices[k : k + batch_size]], pad_id)
         for k in range(0, len(indices), batch_size)
@@ -99,7 +101,9 @@ def train_stage(model: nn.Module, examples: list[TrainExample], ctx: StageContex
     device = next(model.parameters()).device
     per_step = tcfg.batch_size * tcfg.grad_accum
     per_epoch, total = steps_per_epoch(len(examples), tcfg), total_steps(len(examples), tcfg)
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        trainable_parameters(model), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay
+    )
     scheduler = make_scheduler(optimizer, tcfg, total)
     start = 0
     if ctx.resume_state is not None:
@@ -116,10 +120,14 @@ def train_stage(model: nn.Module, examples: list[TrainExample], ctx: StageContex
     use_dog = cfg.adapter.resolved_values()["dog"]
     model.train()
     show = ctx.show_progress and world.is_main
-    bar = tqdm(range(start, total), desc=f"train {ctx.stage_name}", disable=not show, initial=start, total=total)
+    bar = tqdm(
+        range(start, total), desc=f"train {ctx.stage_name}", disable=not show, initial=start, total=total
+    )
     global_step = ctx.global_step + start
     for step in bar:
-        indices = example_order(len(examples), range(step * per_step, (step + 1) * per_step), tcfg.seed, ctx.stage)
+        indices = example_order(
+            len(examples), range(step * per_step, (step + 1) * per_step), tcfg.seed, ctx.stage
+        )
         indices = indices[world.rank :: world.size]  # this rank's share of the global batch
         batches = _micro_batches(examples, indices, max(1, tcfg.batch_size // world.size), ctx.pad_id)
         local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
@@ -128,7 +136,7 @@ def train_stage(model: nn.Module, examples: list[TrainExample], ctx: StageContex
         for k, batch in enumerate(batches):
             batch = {key: v.to(device) for key, v in batch.items()}
             sync = k == len(batches) - 1 or not world.enabled
-            with _autocast(cfg, device), (loss_module.no_sync() if not sync else contextlib.nullcontext()):
+            with _autocast(cfg, device), loss_module.no_sync() if not sync else contextlib.nullcontext():
                 loss_sum, _ = loss_module(batch)
                 # DDP averages gradients over ranks; scaling by world size makes it the global token mean.
                 loss = loss_sum / tokens * world.size
@@ -152,19 +160,44 @@ def train_stage(model: nn.Module, examples: list[TrainExample], ctx: StageContex
             load = router_load(model)
             mean_load = [sum(col) / len(col) for col in zip(*load.values(), strict=True)] if load else None
             ctx.log.write(
-                {"event": "step", "stage": ctx.stage, "stage_name": ctx.stage_name, "step": global_step,
-                 "loss": loss_total, "lr": scheduler.get_last_lr()[0], "aux_loss": aux_total, "router_load": mean_load}
+                {
+                    "event": "step",
+                    "stage": ctx.stage,
+                    "stage_name": ctx.stage_name,
+                    "step": global_step,
+                    "loss": loss_total,
+                    "lr": scheduler.get_last_lr()[0],
+                    "aux_loss": aux_total,
+                    "router_load": mean_load,
+                }
             )
-        if use_dog and regroup_due(step + 1, total, per_epoch, cfg.adapter.dog) and len(adapted_layers(model)):
+        if (
+            use_dog
+            and regroup_due(step + 1, total, per_epoch, cfg.adapter.dog)
+            and len(adapted_layers(model))
+        ):
             report = regroup(model, optimizer, probe, cfg.adapter.dog)
-            event = {"event": "regroup", "stage": ctx.stage, "step": global_step, **report.summary(), "layers": report.to_dict()["layers"]}
+            event = {
+                "event": "regroup",
+                "stage": ctx.stage,
+                "step": global_step,
+                **report.summary(),
+                "layers": report.to_dict()["layers"],
+            }
             if world.is_main:
                 ctx.log.write(event)
         every = cfg.output.checkpoint_every
         if every and (step + 1) % every == 0 and step + 1 < total:
-            progress = {**ctx.progress_extra, "stage": ctx.stage, "stage_step": step + 1, "global_step": global_step}
+            progress = {
+                **ctx.progress_extra,
+                "stage": ctx.stage,
+                "stage_step": step + 1,
+                "global_step": global_step,
+            }
             if world.is_main:
-                save_checkpoint(ctx.run_dir, model=model, optimizer=optimizer, scheduler=scheduler, progress=progress)
+                save_checkpoint(
+                    ctx.run_dir, model=model, optimizer=optimizer, scheduler=scheduler, progress=progress
+                )
             barrier(world)
         if ctx.interrupt_at is not None and global_step == ctx.interrupt_at:
             raise KeyboardInterrupt(f"interrupted after step {global_step} (test hook)")

@@ -48,7 +48,11 @@ class BaditCausalLMMixin:
         loaded: set[str] = set()
         base = split_expert_weights(weights, params, self._badit_is_missing, loaded)
         loaded_base = super().load_weights(base)  # type: ignore[misc]
-        missing = [n for n in expected_expert_names(self.badit_block) if n not in loaded and not self._badit_is_missing(n)]
+        missing = [
+            n
+            for n in expected_expert_names(self.badit_block)
+            if n not in loaded and not self._badit_is_missing(n)
+        ]
         if missing:
             raise ValueError(f"expert tensor(s) {missing[:3]} missing from the checkpoint")
         return loaded | set(loaded_base)

@@ -61,7 +61,9 @@ class BaditGate(nn.Module):
         self.lora_b.weight_loader = self._load_lora_b  # type: ignore[attr-defined]
         self.router: nn.Parameter | None = None
         if block.router != "none":
-            self.router = nn.Parameter(torch.empty(block.num_experts, d_in, dtype=torch.float32), requires_grad=False)
+            self.router = nn.Parameter(
+                torch.empty(block.num_experts, d_in, dtype=torch.float32), requires_grad=False
+            )
 
     def _load_lora_b(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         """Narrow the full (d_out, K*R) tensor to this rank's rows (the identity with TP=1)."""
@@ -72,7 +74,9 @@ class BaditGate(nn.Module):
 
 def _copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:
     if tuple(param.shape) != tuple(loaded.shape):
-        raise ValueError(f"expert tensor of shape {tuple(loaded.shape)} does not fit parameter {tuple(param.shape)}")
+        raise ValueError(
+            f"expert tensor of shape {tuple(loaded.shape)} does not fit parameter {tuple(param.shape)}"
+        )
     param.data.copy_(loaded.to(param.dtype))
 
 
@@ -95,8 +99,12 @@ class BaditMLP(nn.Module):
         self.intermediate_local = int(gate_up_proj.output_partition_sizes[0])
         self.badit_gate = BaditGate(block, int(gate_up_proj.input_size), self.intermediate_local, tp_rank)
         # Routing statistics of the real tokens (see routing_stats); not parameters, not in checkpoints.
-        self.register_buffer("expert_tokens", torch.zeros(block.num_experts, dtype=torch.int64), persistent=False)
-        self.register_buffer("router_weight_sums", torch.zeros(block.num_experts, dtype=torch.float64), persistent=False)
+        self.register_buffer(
+            "expert_tokens", torch.zeros(block.num_experts, dtype=torch.int64), persistent=False
+        )
+        self.register_buffer(
+            "router_weight_sums", torch.zeros(block.num_experts, dtype=torch.float64), persistent=False
+        )
         self.record_stats = True
         ensure_registered()
 
@@ -134,18 +142,24 @@ def install_badit_mlps(model: nn.Module, block: BaditBlock) -> dict[str, BaditML
             continue
         for attr in ("gate_up_proj", "down_proj", "act_fn"):
             if not hasattr(mlp, attr):
-                raise ValueError(f"{name}.mlp ({type(mlp).__name__}) has no {attr}: not a gated MLP Badit can serve")
+                raise ValueError(
+                    f"{name}.mlp ({type(mlp).__name__}) has no {attr}: not a gated MLP Badit can serve"
+                )
         routed = BaditMLP(block, mlp.gate_up_proj, mlp.down_proj, mlp.act_fn, tp_rank)
         module.mlp = routed
         installed[gate_name] = routed
     return installed
 
 
-def check_coverage(installed: dict[str, BaditMLP], block: BaditBlock, is_missing: Callable[[str], bool]) -> None:
+def check_coverage(
+    installed: dict[str, BaditMLP], block: BaditBlock, is_missing: Callable[[str], bool]
+) -> None:
     """Every adapted module of the export must be a routed MLP here (or live on another PP rank)."""
     absent = [m for m in block.adapted_modules if m not in installed and not is_missing(m)]
     if absent:
-        raise ValueError(f"badit.adapted_modules {absent[:3]} do not match any decoder-layer MLP of this model")
+        raise ValueError(
+            f"badit.adapted_modules {absent[:3]} do not match any decoder-layer MLP of this model"
+        )
 
 
 def split_expert_weights(

@@ -1,9 +1,9 @@
 """Routed ability adapters: BAD-initialised experts, a token router and DOG regrouping.
 
-    from training.adapters import AdapterConfig, apply_adapters, regroup
-    model = apply_adapters(model, AdapterConfig(method="badit"))
-    ...  # loss.backward(); accumulate_dog_signal(model); optimizer.step()
-    reports = regroup(model, optimizer)
+from training.adapters import AdapterConfig, apply_adapters, regroup
+model = apply_adapters(model, AdapterConfig(method="badit"))
+...  # loss.backward(); accumulate_dog_signal(model); optimizer.step()
+reports = regroup(model, optimizer)
 """
 
 from training.adapters.apply import (

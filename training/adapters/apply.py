@@ -89,7 +89,9 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
     expected = set(adapter_state_dict(model))
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
-        raise KeyError(f"adapter state mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        raise KeyError(
+            f"adapter state mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
     for name, layer in layers.items():
         prefix = f"{name}."
         own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -110,5 +112,7 @@ def collect_aux_loss(model: nn.Module) -> torch.Tensor | None:
 def router_load(model: nn.Module) -> dict[str, list[float]]:
     """Per layer, the fraction of tokens of the last training forward that selected each expert."""
     return {
-        name: layer.last_load.tolist() for name, layer in adapted_layers(model).items() if layer.last_load is not None
+        name: layer.last_load.tolist()
+        for name, layer in adapted_layers(model).items()
+        if layer.last_load is not None
     }

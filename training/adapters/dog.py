@@ -139,7 +139,9 @@ def _group_centroids(x: Tensor, labels: Tensor, k: int) -> Tensor:
 def cohesion(x: Tensor, labels: Tensor, num_groups: int) -> float:
     """sum_g ||sum_{i in g} x_i|| over unit rows x: the spherical k-means objective (the paper's Eq. 10,
     larger when members point the same way); used to pick the best of several restarts."""
-    sums = torch.zeros(num_groups, x.shape[1], dtype=torch.float64).index_add_(0, labels, x.to(torch.float64))  # (K, D)
+    sums = torch.zeros(num_groups, x.shape[1], dtype=torch.float64).index_add_(
+        0, labels, x.to(torch.float64)
+    )  # (K, D)
     return float(sums.norm(dim=1).sum())
 
 
@@ -168,7 +170,10 @@ def dog_grouping(
     highest `cohesion` wins (first on ties), which escapes most k-means local optima."""
     if restarts < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
-    results = [_dog_grouping_once(signal, num_groups, group_size, max_iters, kmeans_iters, seed + i) for i in range(restarts)]
+    results = [
+        _dog_grouping_once(signal, num_groups, group_size, max_iters, kmeans_iters, seed + i)
+        for i in range(restarts)
+    ]
     x = normalize_rows(signal.to(torch.float64))
     scores = [cohesion(x, r.labels, num_groups) for r in results]
     return results[scores.index(max(scores))]

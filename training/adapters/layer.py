@@ -57,7 +57,9 @@ class RoutedAdapterLinear(nn.Module):
             self.router = nn.Linear(d_in, spec.num_experts, bias=False)
             bound = 1.0 / d_in**0.5
             with torch.no_grad():
-                self.router.weight.copy_(torch.empty(spec.num_experts, d_in).uniform_(-bound, bound, generator=generator))
+                self.router.weight.copy_(
+                    torch.empty(spec.num_experts, d_in).uniform_(-bound, bound, generator=generator)
+                )
         self.register_buffer("lora_a0", None)
         self.register_buffer("lora_b0", None)
         self.register_buffer("component_ids", torch.arange(n))
@@ -149,7 +151,9 @@ class RoutedAdapterLinear(nn.Module):
         """New slot j takes old component perm[j]: rows of A (A0), columns of B (B0), ids, singular values.
         The DOG accumulators restart from zero."""
         n = self.spec.num_components
-        if perm.shape != (n,) or not torch.equal(torch.sort(perm).values, torch.arange(n, device=perm.device)):
+        if perm.shape != (n,) or not torch.equal(
+            torch.sort(perm).values, torch.arange(n, device=perm.device)
+        ):
             raise ValueError(f"not a permutation of {n} components: {perm.tolist()}")
         self.lora_a.copy_(self.lora_a[perm])
         self.lora_b.copy_(self.lora_b[:, perm])

@@ -81,7 +81,9 @@ def _next_token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> t
     return torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
 
 
-def _permute_optimizer_state(optimizer: torch.optim.Optimizer, layer: RoutedAdapterLinear, perm: torch.Tensor) -> None:
+def _permute_optimizer_state(
+    optimizer: torch.optim.Optimizer, layer: RoutedAdapterLinear, perm: torch.Tensor
+) -> None:
     """Per-entry optimiser state (e.g. AdamW's exp_avg, exp_avg_sq) follows its component."""
     for param, dim in ((layer.lora_a, 0), (layer.lora_b, 1)):
         state = optimizer.state.get(param, {})
@@ -100,7 +102,13 @@ def _regroup_layer(
     signal = normalize_rows(layer.dog_signal().double())  # (K*r, d_in + d_out)
     current = torch.arange(k * r) // r  # (K*r,) slot j belongs to expert j // r
     result = dog_grouping(
-        signal, k, r, max_iters=config.max_iters, kmeans_iters=config.kmeans_iters, seed=config.seed, restarts=config.restarts
+        signal,
+        k,
+        r,
+        max_iters=config.max_iters,
+        kmeans_iters=config.kmeans_iters,
+        seed=config.seed,
+        restarts=config.restarts,
     )
     new_labels = match_groups(current, result.labels, k)
     perm = labels_to_permutation(new_labels, k, r)  # (K*r,)

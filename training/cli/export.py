@@ -29,10 +29,14 @@ def _locate(path: Path) -> tuple[Path, Path]:
         return path, checkpoint
     if (path / "state.pt").is_file() and (path.parent.parent / CONFIG_FILE).is_file():
         return path.parent.parent, path
-    raise ExportError(f"{path}: neither a run directory (with {CONFIG_FILE}) nor a checkpoint directory (with state.pt)")
+    raise ExportError(
+        f"{path}: neither a run directory (with {CONFIG_FILE}) nor a checkpoint directory (with state.pt)"
+    )
 
 
-def export_run(source: Path, out_dir: Path, force: bool = False, dense: bool = False, probe_size: int = 32) -> Path:
+def export_run(
+    source: Path, out_dir: Path, force: bool = False, dense: bool = False, probe_size: int = 32
+) -> Path:
     """Export a run's checkpoint; with `dense`, also `<out_dir>-dense` and its KL to the routed model."""
     run_dir, checkpoint = _locate(source)
     cfg = load_config(run_dir / CONFIG_FILE)
@@ -41,26 +45,39 @@ def export_run(source: Path, out_dir: Path, force: bool = False, dense: bool = F
     restore_training_state(load_checkpoint(checkpoint), model)
     model.eval()
     history = [
-        {k: v for k, v in r.items() if k != "layers"} for r in read_metrics(run_dir) if r.get("event") == "regroup"
+        {k: v for k, v in r.items() if k != "layers"}
+        for r in read_metrics(run_dir)
+        if r.get("event") == "regroup"
     ]
     shares_path = run_dir / SHARES_FILE
     shares = json.loads(shares_path.read_text()) if shares_path.is_file() else None
     d = cfg.data
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     needed = dense or shares is None
-    prompts = encode_eval_prompts(tokenizer, load_tasks(d), d.prompt_format, d.max_length, cfg.eval.max_new_tokens) if needed else {}
+    prompts = (
+        encode_eval_prompts(tokenizer, load_tasks(d), d.prompt_format, d.max_length, cfg.eval.max_new_tokens)
+        if needed
+        else {}
+    )
     mean_weights = None
     if prompts:
-        print(f"measuring routing on {sum(map(len, prompts.values()))} evaluation prompts ...", file=sys.stderr)
+        print(
+            f"measuring routing on {sum(map(len, prompts.values()))} evaluation prompts ...", file=sys.stderr
+        )
         measured_shares, mean_weights = measure_routing(model, prompts)
         shares = shares or measured_shares
     out = export_model(model, model_dir, out_dir, dog_history=history, task_shares=shares, force=force)
     if dense:
-        dense_dir = export_dense(model, model_dir, out_dir.with_name(out_dir.name + "-dense"), mean_weights, force=force)
+        dense_dir = export_dense(
+            model, model_dir, out_dir.with_name(out_dir.name + "-dense"), mean_weights, force=force
+        )
         plain = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
         probe = [ids for seqs in prompts.values() for ids in seqs][:probe_size]
         kl = mean_kl(model, plain, probe)
-        print(f"dense export {dense_dir}: mean KL(routed || dense) = {kl:.4g} nats/token on {len(probe)} prompts", file=sys.stderr)
+        print(
+            f"dense export {dense_dir}: mean KL(routed || dense) = {kl:.4g} nats/token on {len(probe)} prompts",
+            file=sys.stderr,
+        )
     return out
 
 
@@ -69,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", type=Path, help="run directory or checkpoint directory")
     parser.add_argument("out_dir", type=Path, help="export directory to create")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
-    parser.add_argument("--dense", action="store_true",
-                        help="also write OUT_DIR-dense: a plain base-architecture model with every expert folded "
-                             "in by its mean routing weight on the evaluation sets (no plugin needed)")
+    parser.add_argument(
+        "--dense",
+        action="store_true",
+        help="also write OUT_DIR-dense: a plain base-architecture model with every expert folded "
+        "in by its mean routing weight on the evaluation sets (no plugin needed)",
+    )
     args = parser.parse_args(argv)
     try:
         out = export_run(args.source, args.out_dir, force=args.force, dense=args.dense)

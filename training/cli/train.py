@@ -29,11 +29,19 @@ def _summary(scores: dict, run_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="badit-train", description=__doc__)
     parser.add_argument("--config", type=Path, help="YAML run config (configs/*.yaml); defaults if omitted")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted override, e.g. --set train.lr=1e-4 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --set train.lr=1e-4 (repeatable)",
+    )
     parser.add_argument("--output", type=Path, help="run directory (overrides output.dir)")
     parser.add_argument("--resume", action="store_true", help="continue the run in the run directory")
-    parser.add_argument("--force", action="store_true", help="replace a run directory that already holds a run")
+    parser.add_argument(
+        "--force", action="store_true", help="replace a run directory that already holds a run"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:

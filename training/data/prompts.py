@@ -114,11 +114,17 @@ def encode_eval_prompt(
 
 
 def encode_eval_prompts(
-    tokenizer: PreTrainedTokenizerBase, tasks: Sequence[Task], fmt: PromptFormat, max_length: int, max_new_tokens: int
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[Task],
+    fmt: PromptFormat,
+    max_length: int,
+    max_new_tokens: int,
 ) -> dict[str, list[list[int]]]:
     """Task name -> the prompt ids of each of its test instances (`encode_eval_prompt`), in task order."""
     return {
-        task.name: [encode_eval_prompt(tokenizer, task, inst, fmt, max_length, max_new_tokens) for inst in task.test]
+        task.name: [
+            encode_eval_prompt(tokenizer, task, inst, fmt, max_length, max_new_tokens) for inst in task.test
+        ]
         for task in tasks
     }
 

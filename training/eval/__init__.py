@@ -1,8 +1,8 @@
 """Evaluation: greedy generation, Rouge-L / exact-match scoring and the continual-learning metrics.
 
-    from training.eval import evaluate_tasks, continual_metrics
-    scores = evaluate_tasks(model, tokenizer, tasks, cfg.data.prompt_format, cfg.data.max_length, cfg.eval)
-    metrics = continual_metrics(score_matrix, single)  # rouge, forget_rate, backward, forward
+from training.eval import evaluate_tasks, continual_metrics
+scores = evaluate_tasks(model, tokenizer, tasks, cfg.data.prompt_format, cfg.data.max_length, cfg.eval)
+metrics = continual_metrics(score_matrix, single)  # rouge, forget_rate, backward, forward
 """
 
 from training.eval.continual import (
