@@ -7,10 +7,11 @@ interrupted export never leaves a half-written OUT_DIR. Reading validates everyt
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
-import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,11 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from badit_serve.architectures import BADIT_ARCHITECTURES
+from badit_serve.atomic import TargetExistsError, atomic_directory, check_target
 from badit_serve.format import (
-    BADIT_ARCHITECTURES,
     CONFIG_FILE,
+    EXPERT_MARK,
     FORMAT_VERSION,
     MANIFEST_FILE,
     ROUTING_TABLE_FILE,
@@ -50,13 +53,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def make_world_readable(directory: Path) -> None:
-    """Mode 0755 for `directory` (mkdtemp makes it 0700) and 0644 for its files (safetensors >= 0.8 writes
-    0600), so that a server running as another user, e.g. the container image's, can read the export."""
-    directory.chmod(0o755)
-    for path in directory.iterdir():
-        if path.is_file():
-            path.chmod(0o644)
+@contextlib.contextmanager
+def export_directory(out_dir: Path, force: bool) -> Iterator[Path]:
+    """`atomic_directory` for model directories: an existing OUT_DIR without `force` is an `ExportError`."""
+    try:
+        check_target(out_dir, force)
+    except TargetExistsError as exc:
+        raise ExportError(str(exc)) from exc
+    with atomic_directory(out_dir, force=force) as staging:
+        yield staging
 
 
 def _write_weights(out_dir: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
@@ -98,15 +103,11 @@ def write_export(
     """Write an export atomically. `config` is the base config dict; `copy_files` are tokenizer and
     generation-config files copied verbatim. An existing `out_dir` is kept unless `force`."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise ExportError(f"{out_dir}: already exists (use --force to replace it)")
     if block.base_architecture not in BADIT_ARCHITECTURES:
         raise ExportError(
             f"architecture {block.base_architecture!r} has no Badit class; supported: {sorted(BADIT_ARCHITECTURES)}"
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial.", dir=out_dir.parent))
-    try:
+    with export_directory(out_dir, force) as staging:
         full_config = dict(config)
         full_config["architectures"] = [BADIT_ARCHITECTURES[block.base_architecture]]
         full_config["badit"] = block.model_dump(mode="json")
@@ -121,18 +122,6 @@ def write_export(
             if p.is_file()
         }
         (staging / MANIFEST_FILE).write_text(Manifest(files=files).model_dump_json(indent=2))
-        make_world_readable(staging)
-        if out_dir.exists():  # force: swap, then drop the old directory
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-            staging.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
@@ -253,7 +242,7 @@ def _check_expert_tensors(export_dir: Path, block: BaditBlock, tensors: dict[str
                 )
             if not torch.isfinite(tensor).all():
                 raise ExportError(f"{export_dir}: tensor {name!r} contains NaN or inf")
-    extra = sorted(n for n in tensors if ".badit_" in n and n not in expected_names)
+    extra = sorted(n for n in tensors if EXPERT_MARK in n and n not in expected_names)
     if extra:
         raise ExportError(
             f"{export_dir}: unexpected expert tensor(s) {extra[:5]} not in badit.adapted_modules"

@@ -14,9 +14,9 @@ loaders rewrite into the fused `gate_up_proj`. See docs/FORMAT.md.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
+
+from badit_serve.routing import RouterMode
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -25,14 +25,8 @@ MANIFEST_FILE = "badit_manifest.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 
-BADIT_ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "BaditLlamaForCausalLM",
-    "Qwen2ForCausalLM": "BaditQwen2ForCausalLM",
-    "Qwen3ForCausalLM": "BaditQwen3ForCausalLM",
-    "Gemma2ForCausalLM": "BaditGemma2ForCausalLM",
-}
-"""Base architecture -> the Badit class that serves it."""
-BASE_ARCHITECTURES = {badit: base for base, badit in BADIT_ARCHITECTURES.items()}
+EXPERT_MARK = ".badit_"
+"""Every expert tensor name contains this (`<prefix>.badit_gate.lora_a`); no base tensor does."""
 
 _STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -62,7 +56,7 @@ class BaditBlock(BaseModel):
     """s = alpha / r."""
     gate_scale: float = Field(gt=0)
     """Multiplier on the softmax routing weights."""
-    router: Literal["topk", "dense", "none"]
+    router: RouterMode
     """Routing mode (see badit_serve.routing.routing_weights)."""
     target_modules: list[str] = Field(min_length=1)
     """Adapted module names, e.g. ['gate_proj']."""
@@ -138,7 +132,8 @@ def expert_prefix(module_name: str) -> str:
     """`model.layers.3.mlp.gate_proj` -> `model.layers.3.mlp.badit_gate` (never contains `.gate_proj`)."""
     parent, _, leaf = module_name.rpartition(".")
     short = leaf.removesuffix("_proj")
-    return f"{parent}.badit_{short}" if parent else f"badit_{short}"
+    mark = EXPERT_MARK.lstrip(".")
+    return f"{parent}.{mark}{short}" if parent else f"{mark}{short}"
 
 
 def expert_tensor_shapes(block: BaditBlock, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:

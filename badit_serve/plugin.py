@@ -7,14 +7,9 @@ paths are lazy strings: nothing is imported until vLLM builds the model.
 
 from __future__ import annotations
 
-_FAMILY_MODULES: dict[str, str] = {
-    "BaditLlamaForCausalLM": "badit_serve.vllm_models.llama",
-    "BaditQwen2ForCausalLM": "badit_serve.vllm_models.qwen2",
-    "BaditQwen3ForCausalLM": "badit_serve.vllm_models.qwen3",
-    "BaditGemma2ForCausalLM": "badit_serve.vllm_models.gemma2",
-}
-MODEL_CLASSES: dict[str, str] = {arch: f"{module}:{arch}" for arch, module in _FAMILY_MODULES.items()}
-"""Badit architecture -> "module:Class" for vLLM's ModelRegistry."""
+from badit_serve.architectures import MODEL_CLASSES
+
+__all__ = ["MODEL_CLASSES", "register"]
 
 
 def register() -> None:

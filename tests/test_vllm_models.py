@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from badit_serve.format import BADIT_ARCHITECTURES, BaditBlock, RoutingTable
+from badit_serve.architectures import BADIT_ARCHITECTURES
+from badit_serve.format import BaditBlock, RoutingTable
 from badit_serve.reference import RoutedLinear
 
 D_IN, INTER, K, R = 16, 12, 4, 2

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from badit_serve.atomic import atomic_directory, atomic_write_text
 from training.adapters import adapted_layers, adapter_state_dict, load_adapter_state_dict
 
 STATE_FILE = "state.pt"
@@ -62,8 +62,7 @@ def save_checkpoint(
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{progress['global_step']:07d}"
-    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
-    try:
+    with atomic_directory(target, force=True) as staging:  # a re-run step replaces its checkpoint
         torch.save(
             {
                 "adapter": adapter_state_dict(model),
@@ -75,14 +74,7 @@ def save_checkpoint(
             },
             staging / STATE_FILE,
         )
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    latest_tmp = root / f".{LATEST_FILE}.tmp"
-    latest_tmp.write_text(target.name)
-    latest_tmp.replace(root / LATEST_FILE)
+    atomic_write_text(root / LATEST_FILE, target.name)
     for old in sorted(root.glob("step-*"))[:-keep]:
         if old != target:
             shutil.rmtree(old, ignore_errors=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -12,8 +11,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from badit_serve.export_io import ExportError, make_world_readable, write_export
+from badit_serve.export_io import export_directory, write_export
 from badit_serve.format import (
+    EXPERT_MARK,
     BaditBlock,
     Component,
     ExpertEntry,
@@ -171,7 +171,7 @@ def dense_tensors(model: nn.Module, mean_weights: dict[str, list[float]]) -> dic
     """Plain base-architecture weights: every expert folded into its weight by its mean routing weight,
     W' = R + s * sum_e wbar_e B_e A_e (servable by any engine, no plugin)."""
     layers = adapted_layers(model)
-    tensors = {k: v for k, v in export_tensors(model).items() if ".badit_" not in k}
+    tensors = {k: v for k, v in export_tensors(model).items() if EXPERT_MARK not in k}
     for name, layer in layers.items():
         lora_a, lora_b = layer.expert_factors()  # (K*R, d_in), (d_out, K*R)
         k = layer.spec.num_experts
@@ -214,11 +214,7 @@ def write_plain_model(
 ) -> Path:
     """A standard transformers directory (base architecture), written atomically."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise ExportError(f"{out_dir}: already exists (use --force to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial.", dir=out_dir.parent))
-    try:
+    with export_directory(out_dir, force) as staging:
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file(
             {k: v.contiguous() for k, v in tensors.items()},
@@ -227,12 +223,6 @@ def write_plain_model(
         )
         for src in copy_files:
             shutil.copy2(src, staging / src.name)
-        make_world_readable(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from badit_serve.export_io import make_world_readable
+from badit_serve.atomic import atomic_directory
 
 PREPARED_MARKER = ".badit-prepared.json"
 SMOKE_QUESTION = "What is the capital of France? Answer in one word."
@@ -106,9 +104,7 @@ def prepare(alias: str, force: bool = False, smoke_check: bool = True) -> Path:
     if (target / PREPARED_MARKER).is_file() and not force:
         return target
     gguf_path = locate_gguf(spec)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{alias}.", dir=target.parent))
-    try:
+    with atomic_directory(target, force=True) as staging:  # `force` above decides whether to redo it
         _convert_gguf(gguf_path, spec, staging)
         answer = smoke_answer(staging) if smoke_check else ""
         if smoke_check and SMOKE_EXPECTED not in answer.lower():
@@ -116,13 +112,6 @@ def prepare(alias: str, force: bool = False, smoke_check: bool = True) -> Path:
         (staging / PREPARED_MARKER).write_text(
             json.dumps({"alias": alias, "source": str(gguf_path), "smoke_answer": answer}, indent=2)
         )
-        make_world_readable(staging)  # e.g. for a server running as another user
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from badit_serve.atomic import atomic_write_text
 from training.adapters import apply_adapters
 from training.checkpoint import latest_checkpoint, load_checkpoint, restore_training_state, save_checkpoint
 from training.config import RunConfig, dump_config, load_config
@@ -243,9 +244,7 @@ def _write_predictions(run_dir: Path, stage: int, scores: dict) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def summarize_scores(

@@ -18,12 +18,10 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from badit_serve.format import BaditBlock, expert_prefix
+from badit_serve.format import EXPERT_MARK, BaditBlock, expert_prefix
 from badit_serve.routing import routed_delta, router_logits, routing_weights
 from badit_serve.vllm_models.routing_stats import ensure_registered, record_routing
 
-EXPERT_MARK = ".badit_"
-"""Every expert tensor name contains this (`<prefix>.badit_gate.lora_a`); no base tensor does."""
 SUPPORTED_TARGETS = ["gate_proj"]
 
 

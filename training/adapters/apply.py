@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from badit_serve.architectures import SUPPORTED_MODEL_TYPES
 from training.adapters.config import AdapterConfig
 from training.adapters.layer import LayerSpec, RoutedAdapterLinear
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma2")
 ADAPTER_CONFIG_ATTR = "badit_adapter_config"
 
 

@@ -6,9 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from badit_serve.routing import RouterMode
+
 AdapterMethod = Literal["badit", "lora", "pissa", "loramoe", "badit_no_dog", "badit_no_bad"]
 InitMode = Literal["bad", "bad-residual", "lora", "pissa"]
-RouterMode = Literal["topk", "dense", "none"]
 
 
 class DogConfig(BaseModel):
