@@ -1,6 +1,8 @@
 # The two commands a newcomer needs are `make demo` (main job) and `make test` (tests).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The SuperNI data is read in place; default ../shared/superni beside the repository (override in the environment).
+export BADIT_SUPERNI_DIR ?= $(abspath $(CURDIR)/../shared/superni)
 
 .PHONY: setup demo test test-fast lint clean image-test
 
@@ -19,8 +21,9 @@ test-fast: setup  ## unit tests only
 image-test: setup  ## build the CPU container image with podman and smoke-test it (root; minutes; not part of CI)
 	bash scripts/image_test.sh
 
-lint:
-	$(VENV)/bin/ruff check badit_serve training tests benchmarks
+lint:  ## ruff lint and format check (CI runs this before the tests)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -31,6 +31,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from badit_serve.exit_codes import EXIT_USAGE
 from badit_serve.export_io import ExportError, load_export
 from badit_serve.vllm_models.mlp import check_servable
 
@@ -38,7 +39,6 @@ WORKER_EXTENSION = "badit_serve.worker_extension.BaditWorkerExtension"
 DEFAULT_MAX_MODEL_LEN = 2048
 DEFAULT_CPU_KVCACHE_GIB = 4
 PLUGIN_NAME = "badit"
-EXIT_INVALID = 2
 ENV_API_KEY = "BADIT_API_KEY"  # default of --api-key
 ENV_EXTRA_ARGS = "BADIT_SERVE_ARGS"  # extra options appended to the command line (e.g. in a container)
 
@@ -122,13 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     opts, passthrough = build_parser(os.environ).parse_known_args(argv)
     if _given(passthrough, "--worker-extension-cls"):
         print("badit-serve: --worker-extension-cls is set by badit-serve itself", file=sys.stderr)
-        return EXIT_INVALID
+        return EXIT_USAGE
     try:
         bundle = load_export(opts.export_dir, verify_checksums=not opts.no_verify_checksums)
         check_servable(bundle.block)
     except (ExportError, ValueError) as exc:
         print(f"badit-serve: invalid export: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+        return EXIT_USAGE
     del bundle  # the engine reads the weights itself
 
     metrics_dir = prepare_environment(os.environ)  # before vLLM / prometheus_client are imported

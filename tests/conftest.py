@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.tiny_models import FAMILIES, build_tiny_model
+from training.config import SUPERNI_DIR_ENV, superni_dir_from_env
 from training.model_store import resolve_model
+
+# The tests run from a checkout: default the data directory to ../shared/superni beside it (as `make` and
+# .ci/run do), so a bare `pytest` finds the shared data too. The package itself never guesses this path.
+os.environ.setdefault(
+    SUPERNI_DIR_ENV, str(Path(__file__).resolve().parent.parent.parent / "shared" / "superni")
+)
 
 
 @pytest.fixture(scope="session")
@@ -31,9 +39,8 @@ def tiny_model_dir(request: pytest.FixtureRequest, tiny_model_dirs: dict[str, Pa
 
 @pytest.fixture(scope="session")
 def superni_dir() -> Path:
-    """The shared 15-task SuperNI directory beside the project root."""
-    from training.config import DEFAULT_SUPERNI_DIR
-
-    if not DEFAULT_SUPERNI_DIR.is_dir():
-        pytest.skip(f"SuperNI data not found at {DEFAULT_SUPERNI_DIR}")
-    return DEFAULT_SUPERNI_DIR
+    """The shared 15-task SuperNI directory: $BADIT_SUPERNI_DIR (default set above)."""
+    path = superni_dir_from_env()
+    if path is None or not path.is_dir():
+        pytest.skip(f"SuperNI data not found at ${SUPERNI_DIR_ENV}={path}")
+    return path

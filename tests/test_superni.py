@@ -309,7 +309,9 @@ def test_percentile_nearest_rank() -> None:
 
 
 def test_stats_cli_error_on_missing_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert data_main(["stats", "--data", str(tmp_path / "missing")]) == 1
+    assert (
+        data_main(["stats", "--data", str(tmp_path / "missing")]) == 2
+    )  # invalid input (README: exit codes)
     err = capsys.readouterr().err
     assert err.startswith("badit-data: error:") and "missing" in err
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,8 +12,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from training.adapters.config import AdapterConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DEFAULT_SUPERNI_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "superni"
-"""`../shared/superni` beside the project root; override with `data.superni_dir`."""
+SUPERNI_DIR_ENV = "BADIT_SUPERNI_DIR"
+"""Environment variable naming the SuperNI directory when the config's `data.superni_dir` is not set."""
+
+
+def superni_dir_from_env() -> Path | None:
+    """`$BADIT_SUPERNI_DIR` as a path, or None when unset (never a path derived from the install location)."""
+    value = os.environ.get(SUPERNI_DIR_ENV, "").strip()
+    return Path(value).expanduser() if value else None
+
 
 _STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -33,8 +41,9 @@ class DataConfig(BaseModel):
 
     model_config = _STRICT
 
-    superni_dir: Path = DEFAULT_SUPERNI_DIR
-    """Directory with one folder per task holding train.json and test.json (read in place, never copied)."""
+    superni_dir: Path | None = Field(default_factory=superni_dir_from_env)
+    """Directory with one folder per task holding train.json and test.json (read in place, never copied);
+    default $BADIT_SUPERNI_DIR (`make` and CI set it to ../shared/superni beside the repository)."""
     tasks: list[str] | None = None
     """Task names to use (None: every task folder in superni_dir, sorted)."""
     max_train_per_task: int | None = Field(None, ge=1)

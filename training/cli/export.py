@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from badit_serve.exit_codes import run_cli
 from badit_serve.export_io import ExportError
-from training.checkpoint import latest_checkpoint, load_checkpoint, restore_training_state
+from training.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint, restore_training_state
 from training.config import ConfigError, load_config
 from training.data import DataError, encode_eval_prompts, load_tasks
 from training.export import export_dense, export_model, mean_kl, measure_routing
@@ -27,10 +28,10 @@ def _locate(path: Path) -> tuple[Path, Path]:
         if checkpoint is None:
             raise ExportError(f"{path}: run has no complete checkpoint to export")
         return path, checkpoint
-    if (path / "state.pt").is_file() and (path.parent.parent / CONFIG_FILE).is_file():
+    if (path / STATE_FILE).is_file() and (path.parent.parent / CONFIG_FILE).is_file():
         return path.parent.parent, path
     raise ExportError(
-        f"{path}: neither a run directory (with {CONFIG_FILE}) nor a checkpoint directory (with state.pt)"
+        f"{path}: neither a run directory (with {CONFIG_FILE}) nor a checkpoint directory (with {STATE_FILE})"
     )
 
 
@@ -93,13 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         "in by its mean routing weight on the evaluation sets (no plugin needed)",
     )
     args = parser.parse_args(argv)
-    try:
-        out = export_run(args.source, args.out_dir, force=args.force, dense=args.dense)
-    except (ExportError, ConfigError, ModelNotFoundError, FileNotFoundError, DataError) as exc:
-        print(f"badit-export: error: {exc}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+    invalid = (ExportError, ConfigError, ModelNotFoundError, FileNotFoundError, DataError)
+    return run_cli("badit-export", lambda: _export(args), invalid=invalid)
+
+
+def _export(args: argparse.Namespace) -> None:
+    print(export_run(args.source, args.out_dir, force=args.force, dense=args.dense))
 
 
 if __name__ == "__main__":

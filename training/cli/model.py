@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from badit_serve.exit_codes import run_cli
 from training.model_store import ALIASES, ModelNotFoundError, prepare, resolve_model, smoke_answer
 
 
@@ -19,18 +20,17 @@ def main(argv: list[str] | None = None) -> int:
     p_path = sub.add_parser("path", help="print the directory of an alias or model directory")
     p_path.add_argument("name", nargs="?", default="smollm2-135m-instruct")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "prepare":
-            print(f"preparing {args.name} (dequantise GGUF, pin eos, smoke check) ...", file=sys.stderr)
-            print(prepare(args.name, force=args.force))
-        elif args.command == "smoke":
-            print(smoke_answer(resolve_model(args.name)))
-        else:
-            print(resolve_model(args.name, prepare_if_missing=False))
-    except (ModelNotFoundError, RuntimeError) as exc:
-        print(f"badit-model: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli("badit-model", lambda: _command(args), invalid=(ModelNotFoundError,))
+
+
+def _command(args: argparse.Namespace) -> None:
+    if args.command == "prepare":
+        print(f"preparing {args.name} (dequantise GGUF, pin eos, smoke check) ...", file=sys.stderr)
+        print(prepare(args.name, force=args.force))
+    elif args.command == "smoke":
+        print(smoke_answer(resolve_model(args.name)))
+    else:
+        print(resolve_model(args.name, prepare_if_missing=False))
 
 
 if __name__ == "__main__":

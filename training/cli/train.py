@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from badit_serve.exit_codes import run_cli
 from training.config import ConfigError, load_config
 from training.data import DataError
 from training.model_store import ModelNotFoundError
@@ -44,17 +45,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    try:
-        overrides = list(args.overrides) + ([f"output.dir={args.output}"] if args.output else [])
-        cfg = load_config(args.config, overrides)
-        run_dir = Path(cfg.output.dir)
-        scores = run(cfg, run_dir, resume=args.resume, force=args.force, show_progress=not args.no_progress)
-    except (ConfigError, RunError, DataError, ModelNotFoundError) as exc:
-        print(f"badit-train: error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(
+        "badit-train", lambda: _train(args), invalid=(ConfigError, RunError, DataError, ModelNotFoundError)
+    )
+
+
+def _train(args: argparse.Namespace) -> None:
+    overrides = list(args.overrides) + ([f"output.dir={args.output}"] if args.output else [])
+    cfg = load_config(args.config, overrides)
+    run_dir = Path(cfg.output.dir)
+    scores = run(cfg, run_dir, resume=args.resume, force=args.force, show_progress=not args.no_progress)
     if scores:  # empty on non-main data-parallel ranks
         print(_summary(scores, run_dir))
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from training.config import DataConfig
+from training.config import SUPERNI_DIR_ENV, DataConfig
 
 OnEmpty = Literal["skip", "error"]
 
@@ -52,11 +52,20 @@ class Task:
     """Ids of test instances dropped for a blank output (within the kept first N)."""
 
 
-def list_tasks(superni_dir: Path) -> list[str]:
-    """Sorted names of the folders in `superni_dir` that hold a train.json."""
+def require_superni_dir(superni_dir: Path | None) -> Path:
+    """The SuperNI directory, or a `DataError` naming both ways to set it (config field, environment)."""
+    where = f"set data.superni_dir in the config (badit-data: --data) or ${SUPERNI_DIR_ENV}"
+    if superni_dir is None:
+        raise DataError(f"no SuperNI directory given: {where}")
     superni_dir = Path(superni_dir)
     if not superni_dir.is_dir():
-        raise DataError(f"{superni_dir}: SuperNI directory not found")
+        raise DataError(f"{superni_dir}: SuperNI directory not found ({where})")
+    return superni_dir
+
+
+def list_tasks(superni_dir: Path | None) -> list[str]:
+    """Sorted names of the folders in `superni_dir` that hold a train.json."""
+    superni_dir = require_superni_dir(superni_dir)
     return sorted(p.name for p in superni_dir.iterdir() if (p / "train.json").is_file())
 
 
@@ -116,11 +125,12 @@ def load_raw_task(
 
 def load_tasks(cfg: DataConfig) -> list[Task]:
     """All tasks of `cfg.superni_dir` (sorted), or `cfg.tasks` in the given order, truncated per task."""
-    names = cfg.tasks if cfg.tasks is not None else list_tasks(cfg.superni_dir)
+    root = require_superni_dir(cfg.superni_dir)
+    names = cfg.tasks if cfg.tasks is not None else list_tasks(root)
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise DataError(f"data.tasks lists {', '.join(duplicates)} more than once")
-    return [load_task(cfg.superni_dir, n, cfg.max_train_per_task, cfg.max_test_per_task) for n in names]
+    return [load_task(root, n, cfg.max_train_per_task, cfg.max_test_per_task) for n in names]
 
 
 # ---------------------------------------------------------------------------------------------- parsing
