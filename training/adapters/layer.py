@@ -34,6 +34,17 @@ class LayerSpec:
         return self.init == "bad"
 
 
+def _make_router(d_in: int, spec: LayerSpec, generator: torch.Generator | None) -> nn.Linear | None:
+    """The token router (K, d_in), uniform in +-1/sqrt(d_in); None for router 'none'."""
+    if spec.router == "none":
+        return None
+    router = nn.Linear(d_in, spec.num_experts, bias=False)
+    bound = 1.0 / d_in**0.5
+    with torch.no_grad():
+        router.weight.copy_(torch.empty(spec.num_experts, d_in).uniform_(-bound, bound, generator=generator))
+    return router
+
+
 class RoutedAdapterLinear(nn.Module):
     """y = base(x) + s * sum_{e in TopK(x)} w_e(x) * (B_e A_e [- B0_e A0_e]) dropout(x).
 
@@ -52,29 +63,12 @@ class RoutedAdapterLinear(nn.Module):
         n = spec.num_components
         self.in_features, self.out_features = d_in, d_out
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
-        self.router: nn.Linear | None = None
-        if spec.router != "none":
-            self.router = nn.Linear(d_in, spec.num_experts, bias=False)
-            bound = 1.0 / d_in**0.5
-            with torch.no_grad():
-                self.router.weight.copy_(
-                    torch.empty(spec.num_experts, d_in).uniform_(-bound, bound, generator=generator)
-                )
+        self.router = _make_router(d_in, spec, generator)
         self.register_buffer("lora_a0", None)
         self.register_buffer("lora_b0", None)
         self.register_buffer("component_ids", torch.arange(n))
         self.register_buffer("singular_values", torch.zeros(n))
-        if spec.init == "lora":
-            lora_a, lora_b = kaiming_lora_a(n, d_in, generator), torch.zeros(d_out, n)
-        else:  # bad, bad-residual, pissa: the top K*r singular components
-            lora_a, lora_b, sing = top_singular_components(base.weight, n, spec.scaling)
-            self.singular_values.copy_(sing)
-            if spec.is_delta:
-                self.lora_a0, self.lora_b0 = lora_a.clone(), lora_b.clone()
-            else:  # literal residual: the frozen weight loses what the experts now carry
-                with torch.no_grad():
-                    residual = base.weight.float() - spec.scaling * (lora_b @ lora_a)  # (d_out, d_in)
-                    base.weight.copy_(residual.to(base.weight.dtype))
+        lora_a, lora_b = self._init_experts(generator)
         self.lora_a = nn.Parameter(lora_a.contiguous())
         self.lora_b = nn.Parameter(lora_b.contiguous())
         # DOG signal: gradients of each component's factors summed since the last regroup (never d_out x d_in).
@@ -87,6 +81,25 @@ class RoutedAdapterLinear(nn.Module):
         """When set to a (K,) tensor, every forward adds its per-expert selected-token counts (measurement)."""
         self.weight_sums: torch.Tensor | None = None
         """When set to a (K,) tensor, every forward adds its per-expert routing-weight sums (measurement)."""
+
+    def _init_experts(self, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Initial A (K*r, d_in) and B (d_out, K*r) by `spec.init`; sets singular values, A0/B0 (delta
+        form) or the residual base weight (literal residual)."""
+        spec, base = self.spec, self.base
+        d_out, d_in = base.weight.shape
+        n = spec.num_components
+        if spec.init == "lora":
+            return kaiming_lora_a(n, d_in, generator), torch.zeros(d_out, n)
+        # bad, bad-residual, pissa: the top K*r singular components
+        lora_a, lora_b, sing = top_singular_components(base.weight, n, spec.scaling)
+        self.singular_values.copy_(sing)
+        if spec.is_delta:
+            self.lora_a0, self.lora_b0 = lora_a.clone(), lora_b.clone()
+        else:  # literal residual: the frozen weight loses what the experts now carry
+            with torch.no_grad():
+                residual = base.weight.float() - spec.scaling * (lora_b @ lora_a)  # (d_out, d_in)
+                base.weight.copy_(residual.to(base.weight.dtype))
+        return lora_a, lora_b
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits (T, K), dense weights (T, K) and selection mask (T, K) for tokens x (T, d_in)."""
