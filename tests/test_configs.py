@@ -34,8 +34,8 @@ def test_yaml_maps_one_to_one_onto_run_config(path: Path) -> None:
 
 def test_paper_settings() -> None:
     cfg = load_config(CONFIG_DIR / "superni15_mixed.yaml")
-    r = cfg.adapter.resolved_values()
-    assert (r["num_experts"], cfg.adapter.rank, r["top_k"], cfg.adapter.dropout) == (8, 8, 4, 0.05)
+    r = cfg.adapter.resolved()
+    assert (r.num_experts, cfg.adapter.rank, r.top_k, cfg.adapter.dropout) == (8, 8, 4, 0.05)
     assert (cfg.train.lr, cfg.train.scheduler, cfg.train.warmup_ratio, cfg.train.epochs) == (
         2e-4,
         "cosine",

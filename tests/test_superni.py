@@ -194,10 +194,20 @@ def test_chat_prompt_keeps_default_system_turn(tokenizer: PreTrainedTokenizerBas
     assert text.endswith("<|im_start|>user\nTranslate.\n\nHallo<|im_end|>\n<|im_start|>assistant\n")
 
 
+def _encoding(fmt: str, max_length: int, max_target_tokens: int, reference_seed: int) -> DataConfig:
+    """The prompt-encoding settings of a DataConfig."""
+    return DataConfig(
+        prompt_format=fmt,  # type: ignore[arg-type]
+        max_length=max_length,
+        max_target_tokens=max_target_tokens,
+        reference_seed=reference_seed,
+    )
+
+
 @pytest.mark.parametrize("fmt", ["chat", "raw"])
 def test_labels_mask_exactly_the_prompt(tokenizer: PreTrainedTokenizerBase, fmt: str) -> None:
     instance = Instance("taskX", "x-1", "What is two plus two?", ("four, of course",))
-    ex = encode_train(tokenizer, make_task(), instance, fmt, 256, 50, 0)  # type: ignore[arg-type]
+    ex = encode_train(tokenizer, make_task(), instance, _encoding(fmt, 256, 50, 0))
     prompt = encode(tokenizer, build_prompt(tokenizer, DEFINITION, instance.input, fmt))  # type: ignore[arg-type]
     n = len(prompt)
     assert ex.input_ids[:n] == prompt and ex.labels[:n] == [IGNORE_INDEX] * n
@@ -209,7 +219,9 @@ def test_labels_mask_exactly_the_prompt(tokenizer: PreTrainedTokenizerBase, fmt:
 
 def test_long_answer_cut_with_eos_last(tokenizer: PreTrainedTokenizerBase) -> None:
     answer = "one two three four five six seven eight nine ten"
-    ex = encode_train(tokenizer, make_task(), Instance("taskX", "x", "Count.", (answer,)), "chat", 256, 5, 0)
+    ex = encode_train(
+        tokenizer, make_task(), Instance("taskX", "x", "Count.", (answer,)), _encoding("chat", 256, 5, 0)
+    )
     response = [t for t in ex.labels if t != IGNORE_INDEX]
     assert len(response) == 5 and response[-1] == tokenizer.eos_token_id
     assert response[:4] == encode(tokenizer, answer)[:4]
@@ -221,7 +233,7 @@ def test_overlong_input_cut_at_its_end(tokenizer: PreTrainedTokenizerBase, fmt: 
     text = "START of the story. " + " ".join(f"word{i}" for i in range(800)) + " THE END"
     instance = Instance("taskX", "long-1", text, ("A short summary.",))
     task = make_task(definition=definition)
-    ex = encode_train(tokenizer, task, instance, fmt, 200, 50, 0)  # type: ignore[arg-type]
+    ex = encode_train(tokenizer, task, instance, _encoding(fmt, 200, 50, 0))
     assert 190 <= len(ex.input_ids) <= 200  # fits, and not cut far more than needed
     response = [t for t in ex.labels if t != IGNORE_INDEX]
     assert tokenizer.decode(response) == "A short summary.<|im_end|>"
@@ -244,7 +256,10 @@ def test_input_cut_keeps_whole_characters_and_fills_budget(
     per_char = len(encode(tokenizer, text)) // 300
     assert per_char > 1
     ex = encode_train(
-        tokenizer, make_task(), Instance("taskX", "emoji", text, ("ok",)), "chat", max_length, 10, 0
+        tokenizer,
+        make_task(),
+        Instance("taskX", "emoji", text, ("ok",)),
+        _encoding("chat", max_length, 10, 0),
     )
     assert max_length - per_char < len(ex.input_ids) <= max_length
     assert ex.truncated_input_tokens % per_char == 0 and "\ufffd" not in tokenizer.decode(ex.input_ids)
@@ -260,7 +275,7 @@ def test_prompt_that_cannot_fit_raises(tokenizer: PreTrainedTokenizerBase) -> No
     task = make_task(definition="A very long instruction. " * 40)
     instance = Instance("taskX", "x-9", "input", ("answer",))
     with pytest.raises(DataError, match=r"'taskX'.*'x-9'.*max_length 64"):
-        encode_train(tokenizer, task, instance, "chat", 64, 10, 0)
+        encode_train(tokenizer, task, instance, _encoding("chat", 64, 10, 0))
     with pytest.raises(DataError, match=r"max_new_tokens > max_length 64"):
         encode_eval_prompt(tokenizer, task, instance, "raw", 64, 10)
 
@@ -272,7 +287,7 @@ def test_reference_choice_seeded_stable_in_range(tokenizer: PreTrainedTokenizerB
     assert all(0 <= p < len(refs) for p in picks) and len(set(picks)) > 1
     assert [choose_reference(i, 7) for i in reversed(instances)] == picks[::-1]  # order-independent
     assert [choose_reference(i, 8) for i in instances] != picks  # the seed matters
-    ex = encode_train(tokenizer, make_task(), instances[3], "chat", 256, 50, 7)
+    ex = encode_train(tokenizer, make_task(), instances[3], _encoding("chat", 256, 50, 7))
     assert ex.reference_index == picks[3]
     response = [t for t in ex.labels if t != IGNORE_INDEX]
     assert tokenizer.decode(response) == refs[picks[3]] + "<|im_end|>"

@@ -14,15 +14,15 @@ ADAPTER_CONFIG_ATTR = "badit_adapter_config"
 
 def layer_spec(config: AdapterConfig) -> LayerSpec:
     """The per-layer spec that an `AdapterConfig` resolves to."""
-    r = config.resolved_values()
+    r = config.resolved()
     return LayerSpec(
-        num_experts=r["num_experts"],
+        num_experts=r.num_experts,
         rank=config.rank,
-        top_k=r["top_k"],
-        scaling=r["alpha"] / config.rank,
-        gate_scale=r["gate_scale"],
-        router=r["router"],
-        init="bad-residual" if r["init"] == "pissa" else r["init"],
+        top_k=r.top_k,
+        scaling=r.alpha / config.rank,
+        gate_scale=r.gate_scale,
+        router=r.router,
+        init="bad-residual" if r.init == "pissa" else r.init,
         dropout=config.dropout,
     )
 

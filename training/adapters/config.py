@@ -2,14 +2,53 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from badit_serve.routing import RouterMode
 
-AdapterMethod = Literal["badit", "lora", "pissa", "loramoe", "badit_no_dog", "badit_no_bad"]
 InitMode = Literal["bad", "bad-residual", "lora", "pissa"]
+
+
+@dataclass(frozen=True)
+class MethodPreset:
+    """What a method name stands for; fields an `AdapterConfig` leaves unset default from here."""
+
+    num_experts: int
+    top_k: int
+    init: InitMode
+    router: RouterMode
+    dog: bool
+    """Whether the method regroups with DOG (`adapter.dog.enabled` can still turn it off)."""
+    gate_scale_top_k: bool = False
+    """Default gate_scale = top_k (Badit: uniform logits give each selected expert weight 1), else 1."""
+    about: str = ""
+
+
+METHODS: dict[str, MethodPreset] = {
+    "badit": MethodPreset(8, 4, "bad", "topk", True, True, "BAD init + top-k router + DOG"),
+    "badit_no_dog": MethodPreset(8, 4, "bad", "topk", False, True, "ablation: no DOG regrouping"),
+    "badit_no_bad": MethodPreset(8, 4, "lora", "topk", True, True, "ablation: LoRA-initialised experts"),
+    "loramoe": MethodPreset(8, 8, "lora", "dense", False, False, "LoRA experts, dense softmax router"),
+    "lora": MethodPreset(1, 1, "lora", "none", False, False, "one LoRA expert"),
+    "pissa": MethodPreset(1, 1, "pissa", "none", False, False, "one expert, top-r SVD components"),
+}
+"""The method registry: adding a method is one entry here."""
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """An `AdapterConfig` with its method preset applied: every setting has a value."""
+
+    num_experts: int
+    top_k: int
+    init: InitMode
+    router: RouterMode
+    alpha: float
+    gate_scale: float
+    dog: bool
 
 
 class DogConfig(BaseModel):
@@ -43,8 +82,9 @@ class AdapterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    method: AdapterMethod = "badit"
-    """Preset: badit (BAD init + top-k router + DOG), lora, pissa, loramoe, badit_no_dog, badit_no_bad."""
+    method: str = "badit"
+    """Preset from `METHODS`: badit (BAD init + top-k router + DOG), lora, pissa, loramoe, badit_no_dog,
+    badit_no_bad."""
     target_modules: list[str] = Field(default_factory=lambda: ["gate_proj"], min_length=1)
     """Names (last path component) of the nn.Linear modules to adapt, e.g. ['gate_proj']."""
     num_experts: int | None = Field(None, ge=1, le=256)
@@ -70,39 +110,39 @@ class AdapterConfig(BaseModel):
     dog: DogConfig = Field(default_factory=DogConfig)
     """Regrouping settings (only used by methods with DOG)."""
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+        return method
+
     @model_validator(mode="after")
     def _check(self) -> AdapterConfig:
-        r = self.resolved_values()
-        if r["top_k"] > r["num_experts"]:
-            raise ValueError(f"adapter.top_k={r['top_k']} exceeds adapter.num_experts={r['num_experts']}")
-        if r["init"] == "pissa" and r["num_experts"] != 1:
+        r = self.resolved()
+        if r.top_k > r.num_experts:
+            raise ValueError(f"adapter.top_k={r.top_k} exceeds adapter.num_experts={r.num_experts}")
+        if r.init == "pissa" and r.num_experts != 1:
             raise ValueError("adapter.init='pissa' needs adapter.num_experts=1 (use 'bad' for K>1)")
-        if r["router"] == "none" and r["num_experts"] != 1:
+        if r.router == "none" and r.num_experts != 1:
             raise ValueError("adapter.router='none' needs adapter.num_experts=1")
         return self
 
-    def resolved_values(self) -> dict:
-        """Method preset merged with the explicitly given fields."""
-        presets: dict[str, dict] = {
-            "badit": dict(num_experts=8, top_k=4, init="bad", router="topk", dog=True),
-            "badit_no_dog": dict(num_experts=8, top_k=4, init="bad", router="topk", dog=False),
-            "badit_no_bad": dict(num_experts=8, top_k=4, init="lora", router="topk", dog=True),
-            "loramoe": dict(num_experts=8, top_k=8, init="lora", router="dense", dog=False),
-            "lora": dict(num_experts=1, top_k=1, init="lora", router="none", dog=False),
-            "pissa": dict(num_experts=1, top_k=1, init="pissa", router="none", dog=False),
-        }
-        p = presets[self.method]
-        num_experts = self.num_experts if self.num_experts is not None else p["num_experts"]
-        router = self.router if self.router is not None else p["router"]
-        default_top_k = num_experts if router in ("dense", "none") else min(p["top_k"], num_experts)
+    def resolved(self) -> ResolvedAdapter:
+        """The method preset merged with the explicitly given fields."""
+        p = METHODS[self.method]
+        num_experts = self.num_experts if self.num_experts is not None else p.num_experts
+        router = self.router if self.router is not None else p.router
+        default_top_k = num_experts if router in ("dense", "none") else min(p.top_k, num_experts)
         top_k = self.top_k if self.top_k is not None else default_top_k
-        default_gate_scale = float(top_k) if self.method in ("badit", "badit_no_dog", "badit_no_bad") else 1.0
-        return dict(
+        return ResolvedAdapter(
             num_experts=num_experts,
             top_k=top_k,
-            init=self.init if self.init is not None else p["init"],
+            init=self.init if self.init is not None else p.init,
             router=router,
             alpha=self.alpha if self.alpha is not None else float(self.rank),
-            gate_scale=self.gate_scale if self.gate_scale is not None else default_gate_scale,
-            dog=p["dog"] and self.dog.enabled,
+            gate_scale=self.gate_scale
+            if self.gate_scale is not None
+            else (float(top_k) if p.gate_scale_top_k else 1.0),
+            dog=p.dog and self.dog.enabled,
         )

@@ -31,6 +31,7 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from training.config import DataConfig
 from training.data.superni import DataError, Instance, Task
 from training.loss import IGNORE_INDEX
 
@@ -76,21 +77,15 @@ def choose_reference(instance: Instance, reference_seed: int) -> int:
 
 
 def encode_train(
-    tokenizer: PreTrainedTokenizerBase,
-    task: Task,
-    instance: Instance,
-    fmt: PromptFormat,
-    max_length: int,
-    max_target_tokens: int,
-    reference_seed: int,
+    tokenizer: PreTrainedTokenizerBase, task: Task, instance: Instance, data: DataConfig
 ) -> TrainExample:
-    """Prompt + response ids and labels of one instance, truncated by the module's policy."""
-    if max_target_tokens < 1:
-        raise ValueError(f"max_target_tokens must be >= 1, got {max_target_tokens}")
+    """Prompt + response ids and labels of one instance, truncated by the module's policy; `data` gives
+    the prompt format, max_length, max_target_tokens and the reference seed."""
     eos = _eos_id(tokenizer)
-    index = choose_reference(instance, reference_seed)
-    response = encode(tokenizer, instance.references[index])[: max_target_tokens - 1] + [eos]  # (R,)
-    prompt, cut = _fit_prompt(tokenizer, task, instance, fmt, max_length, len(response), "response")  # (P,)
+    index = choose_reference(instance, data.reference_seed)
+    response = encode(tokenizer, instance.references[index])[: data.max_target_tokens - 1] + [eos]  # (R,)
+    fmt, budget = data.prompt_format, len(response)
+    prompt, cut = _fit_prompt(tokenizer, task, instance, fmt, data.max_length, budget, "response")  # (P,)
     return TrainExample(
         task=task.name,
         id=instance.id,
