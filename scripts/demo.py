@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import socket
@@ -79,7 +80,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0, help="0: a free loopback port")
     args = parser.parse_args()
 
-    banner("1/5 SuperNI data report (read in place from ../shared/superni)")
+    banner(f"1/5 SuperNI data report (read in place from {os.environ.get('BADIT_SUPERNI_DIR')})")
     run(str(BIN / "badit-data"), "stats")
     banner(f"2/5 Badit training: {args.config}")
     run(str(BIN / "badit-train"), "--config", args.config, "--output", args.run_dir, "--force")

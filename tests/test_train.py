@@ -12,6 +12,7 @@ from training.checkpoint import latest_checkpoint, load_checkpoint
 from training.cli.export import main as export_main
 from training.cli.train import main as train_main
 from training.config import load_config
+from training.hooks import TrainerHook, TrainState
 from training.run import RunError, run
 
 TASKS = [
@@ -41,6 +42,17 @@ def _overrides(model_dir: Path, superni_dir: Path, out: Path, **extra: object) -
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+class InterruptAfter(TrainerHook):
+    """Test-only hook: a KeyboardInterrupt right after global step `step` (after its checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, state: TrainState) -> None:
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"interrupted after step {state.global_step} (test hook)")
 
 
 def _cli(overrides: list[str], *flags: str) -> int:
@@ -102,7 +114,7 @@ def test_killed_run_resumes_to_identical_weights(tiny_model_dirs, superni_dir, t
         None, _overrides(tiny_model_dirs["qwen3"], superni_dir, tmp_path / "killed", **extra)
     )
     with pytest.raises(KeyboardInterrupt):
-        run(killed, show_progress=False, interrupt_at=3)
+        run(killed, show_progress=False, hooks=[InterruptAfter(3)])
     assert load_checkpoint(latest_checkpoint(tmp_path / "killed"))["progress"]["global_step"] == 3
     run(killed, resume=True, show_progress=False)
     a = load_checkpoint(latest_checkpoint(tmp_path / "whole"))["adapter"]
@@ -110,6 +122,33 @@ def test_killed_run_resumes_to_identical_weights(tiny_model_dirs, superni_dir, t
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_sequential_run_killed_mid_stage_resumes_to_identical_weights(
+    tiny_model_dirs, superni_dir, tmp_path
+) -> None:
+    """The checkpoint resumed from is used once: later stages continue from the trained adapters (a bug
+    restored the old checkpoint again at the next stage boundary)."""
+    extra = {
+        "train.mode": "sequential",
+        "train.task_order": "[" + ", ".join(TASKS[:2]) + "]",
+        "train.max_steps": 3,
+        "output.checkpoint_every": 1,
+        "adapter.dropout": 0.0,
+        "eval.enabled": "false",
+    }
+    model = tiny_model_dirs["llama"]
+    whole = load_config(None, _overrides(model, superni_dir, tmp_path / "whole", **extra))
+    run(whole, show_progress=False)
+    killed = load_config(None, _overrides(model, superni_dir, tmp_path / "killed", **extra))
+    with pytest.raises(KeyboardInterrupt):
+        run(killed, show_progress=False, hooks=[InterruptAfter(2)])
+    run(killed, resume=True, show_progress=False)
+    a = load_checkpoint(latest_checkpoint(tmp_path / "whole"))
+    b = load_checkpoint(latest_checkpoint(tmp_path / "killed"))
+    assert b["progress"]["global_step"] == a["progress"]["global_step"] == 6
+    for key in a["adapter"]:
+        torch.testing.assert_close(b["adapter"][key], a["adapter"][key], atol=1e-6, rtol=0, msg=key)
 
 
 def test_sequential_mode_evaluates_every_task_after_each_stage(

@@ -1,7 +1,8 @@
 """Resumable checkpoints: adapter weights, optimiser/scheduler, RNG states, data position, DOG state.
 
-A checkpoint is a directory `checkpoints/step-<global step>` holding `state.pt`, written to a temporary
-name and renamed; `checkpoints/latest` names the newest complete one.
+A checkpoint is a directory `RunDir.checkpoint(global step)` holding `RunDir.STATE`, written atomically
+(`badit_serve.atomic`); `RunDir.latest_pointer` names the newest complete one. The state file is a plain
+dict (adapter, optimizer, scheduler, rng, dog, progress = `RunProgress.to_dict()`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from torch import nn
 
 from badit_serve.atomic import atomic_directory, atomic_write_text
 from training.adapters import adapted_layers, adapter_state_dict, load_adapter_state_dict
-
-STATE_FILE = "state.pt"
-LATEST_FILE = "latest"
+from training.progress import RunProgress
+from training.run_dir import RunDir
 
 
 def rng_state() -> dict[str, Any]:
@@ -50,18 +50,16 @@ def load_dog_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(
-    run_dir: Path,
+    run: RunDir,
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    progress: dict[str, Any],
+    progress: RunProgress,
     keep: int = 2,
 ) -> Path:
-    """Atomically write a checkpoint; `progress` holds the data position, stage and results so far."""
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"step-{progress['global_step']:07d}"
+    """Atomically write a checkpoint at `progress.global_step`, point `latest` at it, keep the newest `keep`."""
+    target = run.checkpoint(progress.global_step)
     with atomic_directory(target, force=True) as staging:  # a re-run step replaces its checkpoint
         torch.save(
             {
@@ -70,30 +68,37 @@ def save_checkpoint(
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_state(),
                 "dog": dog_state(model),
-                "progress": progress,
+                "progress": progress.to_dict(),
             },
-            staging / STATE_FILE,
+            RunDir.state_file(staging),
         )
-    atomic_write_text(root / LATEST_FILE, target.name)
-    for old in sorted(root.glob("step-*"))[:-keep]:
+    atomic_write_text(run.latest_pointer, target.name)
+    for old in sorted(run.checkpoints.glob("step-*"))[:-keep]:
         if old != target:
             shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / LATEST_FILE
-    if not pointer.is_file():
+def latest_checkpoint(run: RunDir | Path) -> Path | None:
+    """The newest complete checkpoint directory of a run, or None."""
+    run = RunDir.at(run)
+    if not run.latest_pointer.is_file():
         return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    return path if (path / STATE_FILE).is_file() else None
+    path = run.checkpoints / run.latest_pointer.read_text().strip()
+    return path if RunDir.state_file(path).is_file() else None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    file = path / STATE_FILE if path.is_dir() else path
+    """The state dict of a checkpoint directory (or of its state file)."""
+    file = RunDir.state_file(path) if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no checkpoint state")
     return torch.load(file, map_location="cpu", weights_only=False)
+
+
+def checkpoint_progress(state: dict[str, Any]) -> RunProgress:
+    """The typed progress saved in a checkpoint's state."""
+    return RunProgress.from_dict(state["progress"])
 
 
 def restore_training_state(

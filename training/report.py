@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 
+from training.metrics_log import MetricsLog
+from training.run_dir import RunDir
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return (
-        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    )
 
 
 def plot_loss(records: list[dict], out: Path) -> Path | None:
@@ -76,18 +71,18 @@ def plot_expert_heatmap(shares: dict[str, list[float]], out: Path) -> Path | Non
 
 
 def write_report(
-    run_dir: Path, scores: dict[str, Any], expert_shares: dict[str, list[float]] | None = None
+    run: RunDir, scores: dict[str, Any], expert_shares: dict[str, list[float]] | None = None
 ) -> Path:
     """Tables of per-task and continual metrics plus the plots; returns report.md's path."""
-    records = read_metrics(run_dir)
-    plots = run_dir / "plots"
+    records = MetricsLog(run.metrics).read()
+    plots = run.plots
     plots.mkdir(exist_ok=True)
     made = [
         plot_loss(records, plots / "loss.png"),
         plot_angles(records, plots / "gradient_angles.png"),
         plot_expert_heatmap(expert_shares or {}, plots / "expert_activation.png"),
     ]
-    lines = [f"# Run report: {run_dir.name}", "", f"Mode: **{scores['mode']}**", ""]
+    lines = [f"# Run report: {run.path.name}", "", f"Mode: **{scores['mode']}**", ""]
     lines += ["| task | Rouge-L | exact match | n |", "|---|---:|---:|---:|"]
     for task in scores["tasks"]:
         s = scores["final"].get(task)
@@ -111,7 +106,6 @@ def write_report(
                 f"| {r['step']} | {r['moved']} | {r['inter_before']:.1f}° → {r['inter_after']:.1f}° | "
                 f"{r['intra_before']:.1f}° → {r['intra_after']:.1f}° | {kl} |"
             )
-    lines += [""] + [f"![{p.stem}](plots/{p.name})" for p in made if p is not None]
-    path = run_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    lines += [""] + [f"![{p.stem}]({RunDir.PLOTS}/{p.name})" for p in made if p is not None]
+    run.report.write_text("\n".join(lines) + "\n")
+    return run.report

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +17,25 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from badit_serve.atomic import atomic_write_text
 from training.adapters import apply_adapters
-from training.checkpoint import latest_checkpoint, load_checkpoint, restore_training_state, save_checkpoint
+from training.checkpoint import (
+    checkpoint_progress,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+)
 from training.config import RunConfig, dump_config, load_config
 from training.data import Task, encode_eval_prompts, encode_train, load_tasks
 from training.distributed import barrier, init_from_env
-from training.eval import continual_metrics, evaluate_tasks, mixed_forward
+from training.eval import TaskScore, continual_metrics, evaluate_tasks, mixed_forward
 from training.export import measure_task_shares
+from training.hooks import TrainerHook, config_hooks
+from training.metrics_log import MetricsLog
 from training.model_store import resolve_model
+from training.progress import RunProgress, StageRow, TaskResult
 from training.report import write_report
-from training.trainer import MetricsLog, StageContext, train_stage
-
-CONFIG_FILE = "config.yaml"
-SCORES_FILE = "scores.json"
-METRICS_FILE = "metrics.jsonl"
-SHARES_FILE = "expert_shares.json"
+from training.run_dir import RunDir
+from training.trainer import Stage, StageTrainer, train_stage
 
 NAMED_ORDERS = {
     "order1": [1572, 363, 1290, 181, 2, 1510, 639, 1729, 73, 1590, 748, 511, 591, 1687, 875],
@@ -72,26 +80,153 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, force: bool) -> dict[str, Any] | None:
+def prepare_run_dir(cfg: RunConfig, run: RunDir, resume: bool, force: bool) -> dict[str, Any] | None:
     """Create (or reuse) the run directory; returns the checkpoint state to resume from, if any."""
     if resume:
-        checkpoint = latest_checkpoint(run_dir)
+        checkpoint = latest_checkpoint(run)
         if checkpoint is None:
-            raise RunError(f"{run_dir}: nothing to resume (no complete checkpoint)")
+            raise RunError(f"{run.path}: nothing to resume (no complete checkpoint)")
         return load_checkpoint(checkpoint)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run.path.exists() and any(run.path.iterdir()):
         if not force:
             raise RunError(
-                f"{run_dir}: already holds a run (use --resume to continue it or --force to replace it)"
+                f"{run.path}: already holds a run (use --resume to continue it or --force to replace it)"
             )
-        for child in run_dir.iterdir():
+        for child in run.path.iterdir():
             if child.is_dir():
                 shutil.rmtree(child)
             else:
                 child.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(dump_config(cfg))
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.config.write_text(dump_config(cfg))
     return None
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """One stage of the run: its name and the tasks it trains on."""
+
+    name: str
+    tasks: list[Task]
+
+
+class RunRecipe:
+    """A whole run: `setup` (run directory, model, data, stages), `train` (each stage, evaluated and
+    checkpointed), `cleanup` (scores, expert shares, report). `run()` calls the three."""
+
+    def __init__(
+        self, cfg: RunConfig, run: RunDir, *, hooks: Sequence[TrainerHook] = (), show_progress: bool = True
+    ):
+        self.cfg, self.run, self.extra_hooks, self.show_progress = cfg, run, list(hooks), show_progress
+        self.world = init_from_env()
+
+    def setup(self, resume: bool, force: bool) -> None:
+        cfg, world = self.cfg, self.world
+        single_run = cfg.eval.single_run
+        self.single_scores = _single_scores(single_run) if single_run else None  # fail before training
+        if resume and self.run.is_run():
+            cfg = self.cfg = load_config(self.run.config)
+        state = prepare_run_dir(cfg, self.run, resume, force) if world.is_main or resume else None
+        barrier(world)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        _seed_everything(cfg.train.seed)
+        self.model_dir = resolve_model(cfg.model.name_or_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        tasks = load_tasks(cfg.data)
+        mode = cfg.train.mode
+        self.ordered = tasks if mode == "mixed" else order_tasks(tasks, cfg.train.task_order, cfg.train.seed)
+        self.stages = (
+            [PlannedStage("mixed", self.ordered)]
+            if mode == "mixed"
+            else [PlannedStage(t.name, [t]) for t in self.ordered]
+        )
+        self.resume_state = state
+        progress = checkpoint_progress(state) if state else RunProgress()
+        self.progress = dataclasses.replace(progress, order=tuple(t.name for t in self.ordered))
+        self.log = MetricsLog(self.run.metrics)
+        self.hooks = config_hooks(cfg.adapter) + self.extra_hooks  # one set for the whole run
+        self.model = build_model(cfg, self.model_dir, self.device)
+
+    def _stage_start(self, index: int) -> Stage:
+        """The model ready for stage `index` and where the stage starts (a checkpoint is used once)."""
+        resume_state, self.resume_state = self.resume_state, None
+        if self.cfg.train.mode == "single" and resume_state is None:
+            self.model = build_model(self.cfg, self.model_dir, self.device)  # each task from fresh adapters
+        if resume_state is not None and self.progress.stage_step == 0:  # stage boundary: adapters only
+            restore_training_state(resume_state, self.model)
+            resume_state = None
+        return Stage(index, self.stages[index].name, self.progress, resume_state)
+
+    def train(self) -> None:
+        d = self.cfg.data
+        for index, planned in enumerate(self.stages):
+            if index < self.progress.stage:
+                continue
+            stage = self._stage_start(index)
+            examples = [
+                encode_train(self.tokenizer, task, inst, d) for task in planned.tasks for inst in task.train
+            ]
+            trainer = StageTrainer(
+                self.model,
+                examples,
+                run=self.run,
+                world=self.world,
+                pad_id=self.tokenizer.pad_token_id,
+                hooks=self.hooks,
+                aux_loss_coef=self.cfg.adapter.aux_loss_coef,
+                show_progress=self.show_progress,
+            )
+            result = train_stage(trainer, stage, self.cfg.train, self.cfg.output)
+            row = self.evaluate(stage, planned, result.global_step)
+            self.progress = self.progress.after_stage(row)
+            if self.world.is_main:
+                self.log.write({"event": "eval", **dataclasses.asdict(row)})
+                save_checkpoint(
+                    self.run,
+                    model=self.model,
+                    optimizer=result.optimizer,
+                    scheduler=result.scheduler,
+                    progress=self.progress,
+                )
+            barrier(self.world)
+
+    def evaluate(self, stage: Stage, planned: PlannedStage, global_step: int) -> StageRow:
+        """Greedy evaluation (rank 0) of the stage's tasks (single mode) or of every task."""
+        if not (self.cfg.eval.enabled and self.world.is_main):
+            return StageRow(stage.index, stage.name, global_step)
+        eval_tasks = planned.tasks if self.cfg.train.mode == "single" else self.ordered
+        d = self.cfg.data
+        scores = evaluate_tasks(
+            self.model,
+            self.tokenizer,
+            eval_tasks,
+            d.prompt_format,
+            d.max_length,
+            self.cfg.eval,
+            progress=self.show_progress,
+        )
+        _write_predictions(self.run, stage.index, scores)
+        results = {name: TaskResult(s.rouge_l, s.exact_match, s.count) for name, s in scores.items()}
+        return StageRow(stage.index, stage.name, global_step, results)
+
+    def cleanup(self) -> dict[str, Any]:
+        """scores.json, expert_shares.json and report.md (rank 0); returns the scores."""
+        if not self.world.is_main:
+            return {}
+        cfg, order = self.cfg, [t.name for t in self.ordered]
+        results = summarize_scores(cfg.train.mode, order, list(self.progress.rows), self.single_scores)
+        _write_json(self.run.scores, results)
+        mean_shares = None
+        if cfg.eval.enabled and cfg.train.mode != "single":
+            d = cfg.data
+            prompts = encode_eval_prompts(
+                self.tokenizer, self.ordered, d.prompt_format, d.max_length, cfg.eval.max_new_tokens
+            )
+            shares = measure_task_shares(self.model, prompts)
+            _write_json(self.run.shares, shares)
+            mean_shares = mean_over_layers(shares)
+        write_report(self.run, results, mean_shares)
+        return results
 
 
 def run(
@@ -101,113 +236,14 @@ def run(
     resume: bool = False,
     force: bool = False,
     show_progress: bool = True,
-    interrupt_at: int | None = None,
+    hooks: Sequence[TrainerHook] = (),
 ) -> dict[str, Any]:
-    """Train and evaluate per `cfg`; returns the scores dict also written to scores.json."""
-    run_dir = Path(run_dir or cfg.output.dir)
-    world = init_from_env()
-    single_scores = (
-        _single_scores(cfg.eval.single_run) if cfg.eval.single_run else None
-    )  # fail before training
-    if resume and (run_dir / CONFIG_FILE).is_file():
-        cfg = load_config(run_dir / CONFIG_FILE)
-    if world.is_main or resume:
-        state = prepare_run_dir(cfg, run_dir, resume, force)
-    barrier(world)
-    if not world.is_main and not resume:
-        state = None
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    _seed_everything(cfg.train.seed)
-    model_dir = resolve_model(cfg.model.name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tasks = load_tasks(cfg.data)
-    mode = cfg.train.mode
-    ordered = tasks if mode == "mixed" else order_tasks(tasks, cfg.train.task_order, cfg.train.seed)
-    stages = [("mixed", ordered)] if mode == "mixed" else [(t.name, [t]) for t in ordered]
-    log = MetricsLog(run_dir / METRICS_FILE)
-    progress = state["progress"] if state else {"stage": 0, "stage_step": 0, "global_step": 0, "rows": []}
-    rows: list[dict[str, Any]] = progress["rows"]
-    model = build_model(cfg, model_dir, device)
-    d = cfg.data
-    for stage, (stage_name, stage_tasks) in enumerate(stages):
-        if stage < progress["stage"]:
-            continue
-        resume_state = state if state is not None and stage == progress["stage"] else None
-        if mode == "single" and resume_state is None:
-            model = build_model(cfg, model_dir, device)  # each task from the same fresh adapters
-        if resume_state is not None and progress["stage_step"] == 0:  # stage boundary: adapters only
-            restore_training_state(resume_state, model)
-            resume_state = None
-        examples = [
-            encode_train(
-                tokenizer, task, inst, d.prompt_format, d.max_length, d.max_target_tokens, d.reference_seed
-            )
-            for task in stage_tasks
-            for inst in task.train
-        ]
-        ctx = StageContext(
-            cfg=cfg,
-            run_dir=run_dir,
-            log=log,
-            stage=stage,
-            stage_name=stage_name,
-            pad_id=tokenizer.pad_token_id,
-            global_step=progress["global_step"] - (progress["stage_step"] if resume_state else 0),
-            progress_extra={"rows": rows, "order": [t.name for t in ordered]},
-            resume_state=resume_state,
-            show_progress=show_progress,
-            interrupt_at=interrupt_at,
-            world=world,
-        )
-        result = train_stage(model, examples, ctx)
-        eval_tasks = stage_tasks if mode == "single" else ordered
-        row: dict[str, Any] = {
-            "stage": stage,
-            "stage_name": stage_name,
-            "step": result.global_step,
-            "scores": {},
-        }
-        if cfg.eval.enabled and world.is_main:
-            scores = evaluate_tasks(
-                model, tokenizer, eval_tasks, d.prompt_format, d.max_length, cfg.eval, progress=show_progress
-            )
-            row["scores"] = {
-                name: {"rouge_l": s.rouge_l, "exact_match": s.exact_match, "count": s.count}
-                for name, s in scores.items()
-            }
-            _write_predictions(run_dir, stage, scores)
-        rows.append(row)
-        progress = {
-            "stage": stage + 1,
-            "stage_step": 0,
-            "global_step": result.global_step,
-            "rows": rows,
-            "order": [t.name for t in ordered],
-        }
-        if world.is_main:
-            log.write({"event": "eval", **row})
-            save_checkpoint(
-                run_dir,
-                model=model,
-                optimizer=result.optimizer,
-                scheduler=result.scheduler,
-                progress=progress,
-            )
-        barrier(world)
-    if not world.is_main:
-        return {}
-    results = summarize_scores(mode, [t.name for t in ordered], rows, single_scores)
-    _write_json(run_dir / SCORES_FILE, results)
-    mean_shares = None
-    if cfg.eval.enabled and mode != "single":
-        prompts = encode_eval_prompts(
-            tokenizer, ordered, d.prompt_format, d.max_length, cfg.eval.max_new_tokens
-        )
-        shares = measure_task_shares(model, prompts)
-        _write_json(run_dir / SHARES_FILE, shares)
-        mean_shares = mean_over_layers(shares)
-    write_report(run_dir, results, mean_shares)
-    return results
+    """Train and evaluate per `cfg`; returns the scores dict also written to scores.json. `hooks` are
+    added to those the config installs (e.g. tests interrupt a run with one)."""
+    recipe = RunRecipe(cfg, RunDir.at(run_dir or cfg.output.dir), hooks=hooks, show_progress=show_progress)
+    recipe.setup(resume, force)
+    recipe.train()
+    return recipe.cleanup()
 
 
 def mean_over_layers(shares: dict[str, dict[str, list[float]]]) -> dict[str, list[float]]:
@@ -225,7 +261,7 @@ def mean_over_layers(shares: dict[str, dict[str, list[float]]]) -> dict[str, lis
 
 def _single_scores(single_run: Path) -> dict[str, float]:
     """Per-task Rouge-L of a `single`-mode run (the forward-transfer reference)."""
-    path = Path(single_run) / SCORES_FILE
+    path = RunDir.at(single_run).scores
     if not path.is_file():
         raise RunError(f"{path}: eval.single_run has no scores.json")
     data = json.loads(path.read_text())
@@ -234,10 +270,10 @@ def _single_scores(single_run: Path) -> dict[str, float]:
     return {task: s["rouge_l"] for task, s in data["final"].items()}
 
 
-def _write_predictions(run_dir: Path, stage: int, scores: dict) -> None:
-    out = run_dir / "predictions"
-    out.mkdir(exist_ok=True)
-    with (out / f"stage-{stage:02d}.jsonl").open("w") as handle:
+def _write_predictions(run: RunDir, stage: int, scores: dict[str, TaskScore]) -> None:
+    path = run.predictions(stage)
+    path.parent.mkdir(exist_ok=True)
+    with path.open("w") as handle:
         for task, score in scores.items():
             for instance_id, prediction in zip(score.ids, score.predictions, strict=True):
                 handle.write(json.dumps({"task": task, "id": instance_id, "prediction": prediction}) + "\n")
@@ -248,13 +284,13 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def summarize_scores(
-    mode: str, order: list[str], rows: list[dict[str, Any]], single: dict[str, float] | None = None
+    mode: str, order: list[str], rows: list[StageRow], single: dict[str, float] | None = None
 ) -> dict[str, Any]:
     """scores.json: matrix a[j][i] (Rouge-L of task i after stage j), final per-task scores, CL metrics."""
-    matrix = [[row["scores"].get(task, {}).get("rouge_l") for task in order] for row in rows]
+    matrix = [[row.scores[t].rouge_l if t in row.scores else None for t in order] for row in rows]
     final: dict[str, dict[str, float]] = {}
     for row in rows:  # the last evaluation of each task
-        final.update(row["scores"])
+        final.update({task: dataclasses.asdict(result) for task, result in row.scores.items()})
     results: dict[str, Any] = {"mode": mode, "tasks": order, "matrix": matrix, "final": final}
     rouge = [final[t]["rouge_l"] for t in order if t in final]
     results["rouge_l"] = sum(rouge) / len(rouge) if rouge else None

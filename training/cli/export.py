@@ -12,26 +12,28 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from badit_serve.exit_codes import run_cli
 from badit_serve.export_io import ExportError
-from training.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint, restore_training_state
+from training.checkpoint import latest_checkpoint, load_checkpoint, restore_training_state
 from training.config import ConfigError, load_config
 from training.data import DataError, encode_eval_prompts, load_tasks
 from training.export import export_dense, export_model, mean_kl, measure_routing
+from training.metrics_log import MetricsLog
 from training.model_store import ModelNotFoundError, resolve_model
-from training.report import read_metrics
-from training.run import CONFIG_FILE, SHARES_FILE, build_model
+from training.run import build_model
+from training.run_dir import RunDir
 
 
-def _locate(path: Path) -> tuple[Path, Path]:
-    """(run_dir, checkpoint_dir) from a run directory or a checkpoint directory."""
-    if (path / CONFIG_FILE).is_file():
+def _locate(path: Path) -> tuple[RunDir, Path]:
+    """(run, checkpoint_dir) from a run directory or a checkpoint directory."""
+    if RunDir.at(path).is_run():
         checkpoint = latest_checkpoint(path)
         if checkpoint is None:
             raise ExportError(f"{path}: run has no complete checkpoint to export")
-        return path, checkpoint
-    if (path / STATE_FILE).is_file() and (path.parent.parent / CONFIG_FILE).is_file():
-        return path.parent.parent, path
+        return RunDir.at(path), checkpoint
+    run = RunDir.of_checkpoint(path)
+    if run is not None:
+        return run, path
     raise ExportError(
-        f"{path}: neither a run directory (with {CONFIG_FILE}) nor a checkpoint directory (with {STATE_FILE})"
+        f"{path}: neither a run directory (with {RunDir.CONFIG}) nor a checkpoint directory (with {RunDir.STATE})"
     )
 
 
@@ -39,19 +41,18 @@ def export_run(
     source: Path, out_dir: Path, force: bool = False, dense: bool = False, probe_size: int = 32
 ) -> Path:
     """Export a run's checkpoint; with `dense`, also `<out_dir>-dense` and its KL to the routed model."""
-    run_dir, checkpoint = _locate(source)
-    cfg = load_config(run_dir / CONFIG_FILE)
+    run, checkpoint = _locate(source)
+    cfg = load_config(run.config)
     model_dir = resolve_model(cfg.model.name_or_path)
     model = build_model(cfg, model_dir, device=torch.device("cpu"))
     restore_training_state(load_checkpoint(checkpoint), model)
     model.eval()
     history = [
         {k: v for k, v in r.items() if k != "layers"}
-        for r in read_metrics(run_dir)
+        for r in MetricsLog(run.metrics).read()
         if r.get("event") == "regroup"
     ]
-    shares_path = run_dir / SHARES_FILE
-    shares = json.loads(shares_path.read_text()) if shares_path.is_file() else None
+    shares = json.loads(run.shares.read_text()) if run.shares.is_file() else None
     d = cfg.data
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     needed = dense or shares is None
@@ -69,17 +70,29 @@ def export_run(
         shares = shares or measured_shares
     out = export_model(model, model_dir, out_dir, dog_history=history, task_shares=shares, force=force)
     if dense:
-        dense_dir = export_dense(
-            model, model_dir, out_dir.with_name(out_dir.name + "-dense"), mean_weights, force=force
-        )
-        plain = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
         probe = [ids for seqs in prompts.values() for ids in seqs][:probe_size]
-        kl = mean_kl(model, plain, probe)
-        print(
-            f"dense export {dense_dir}: mean KL(routed || dense) = {kl:.4g} nats/token on {len(probe)} prompts",
-            file=sys.stderr,
+        _export_dense(
+            model, model_dir, out_dir.with_name(out_dir.name + "-dense"), mean_weights, probe, force
         )
     return out
+
+
+def _export_dense(
+    model: torch.nn.Module,
+    model_dir: Path,
+    dense_dir: Path,
+    mean_weights: dict[str, list[float]] | None,
+    probe: list[list[int]],
+    force: bool,
+) -> None:
+    """Write the folded plain model and report its mean KL to the routed one on the probe prompts."""
+    export_dense(model, model_dir, dense_dir, mean_weights, force=force)
+    plain = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
+    kl = mean_kl(model, plain, probe)
+    print(
+        f"dense export {dense_dir}: mean KL(routed || dense) = {kl:.4g} nats/token on {len(probe)} prompts",
+        file=sys.stderr,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from training.config import ConfigError, load_config
 from training.data import DataError
 from training.model_store import ModelNotFoundError
 from training.run import RunError, run
+from training.run_dir import RunDir
 
 
 def _summary(scores: dict, run_dir: Path) -> str:
@@ -23,7 +24,7 @@ def _summary(scores: dict, run_dir: Path) -> str:
         s = scores["final"].get(task)
         if s:
             lines.append(f"    {task:<55} {s['rouge_l']:6.2f}")
-    lines.append(f"  report      {run_dir / 'report.md'}")
+    lines.append(f"  report      {RunDir.at(run_dir).report}")
     return "\n".join(lines)
 
 
