@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from tests.devices import PRECISIONS, Precision
 from training.adapters import (
     AdapterConfig,
     DogConfig,
@@ -22,15 +23,20 @@ from training.adapters import (
     regroup,
     trainable_parameters,
 )
+from training.adapters.dog import dog_grouping
 from training.adapters.layer import RoutedAdapterLinear
 
-
-def _load(model_dir: Path) -> nn.Module:
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+FP32 = Precision("cpu", torch.float32, False)
 
 
-def _tokens(seed: int = 0, batch: int = 2, length: int = 12) -> torch.Tensor:
-    return torch.randint(3, 1000, (batch, length), generator=torch.Generator().manual_seed(seed))
+def _load(model_dir: Path, precision: Precision = FP32) -> nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=precision.base_dtype)
+    return model.to(precision.device).eval()
+
+
+def _tokens(seed: int = 0, batch: int = 2, length: int = 12, device: str = "cpu") -> torch.Tensor:
+    ids = torch.randint(3, 1000, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return ids.to(device)  # (B, L)
 
 
 def _randomise_routers(model: nn.Module, scale: float = 5.0) -> None:
@@ -90,13 +96,16 @@ def test_only_adapter_parameters_train(tiny_model_dirs: dict[str, Path]) -> None
     assert sum(p.numel() for p in trainable_parameters(model)) == 2 * (32 * 128 + 256 * 32 + 8 * 128)
 
 
-def _train_steps(model: nn.Module, steps: int, lr: float = 1e-2) -> torch.optim.Optimizer:
+def _train_steps(
+    model: nn.Module, steps: int, lr: float = 1e-2, precision: Precision = FP32
+) -> torch.optim.Optimizer:
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr)
     model.train()
     for step in range(steps):
-        ids = _tokens(seed=step)
-        loss = model(input_ids=ids, labels=ids).loss
-        aux = collect_aux_loss(model)
+        ids = _tokens(seed=step, device=precision.device)
+        with precision.context():
+            loss = model(input_ids=ids, labels=ids).loss
+            aux = collect_aux_loss(model)
         (loss + 0.01 * aux).backward()
         accumulate_dog_signal(model)
         optimizer.step()
@@ -116,10 +125,14 @@ def _rank_one_terms(layer: RoutedAdapterLinear) -> dict[int, torch.Tensor]:
     return terms
 
 
-def test_regroup_is_a_permutation_and_moves_optimizer_state(tiny_model_dirs: dict[str, Path]) -> None:
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_regroup_is_a_permutation_and_moves_optimizer_state(
+    tiny_model_dirs: dict[str, Path], precision: Precision
+) -> None:
     torch.manual_seed(0)
-    model = apply_adapters(_load(tiny_model_dirs["llama"]), AdapterConfig(rank=4, dropout=0.0), seed=0)
-    optimizer = _train_steps(model, steps=3)
+    model = _load(tiny_model_dirs["llama"], precision)
+    model = apply_adapters(model, AdapterConfig(rank=4, dropout=0.0), seed=0)
+    optimizer = _train_steps(model, steps=3, precision=precision)
     layers = adapted_layers(model)
     before_terms = {n: _rank_one_terms(layer) for n, layer in layers.items()}
     before_sum = {n: layer.expert_factors()[1] @ layer.expert_factors()[0] for n, layer in layers.items()}
@@ -130,7 +143,7 @@ def test_regroup_is_a_permutation_and_moves_optimizer_state(tiny_model_dirs: dic
         }
         for n, layer in layers.items()
     }
-    report = regroup(model, optimizer, probe_batch={"input_ids": _tokens(seed=99)})
+    report = regroup(model, optimizer, probe_batch={"input_ids": _tokens(seed=99, device=precision.device)})
     assert report.moved > 0 and len(report.layers) == 2
     assert report.kl_drift is not None and report.kl_drift >= 0
     for name, layer in layers.items():
@@ -173,16 +186,45 @@ def test_regroup_with_equal_gates_keeps_layer_output(tiny_model_dirs: dict[str, 
     torch.testing.assert_close(model(probe).logits, before, atol=1e-5, rtol=0)
 
 
-def test_regroup_is_deterministic(tiny_model_dirs: dict[str, Path]) -> None:
-    results = []
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_regroup_is_deterministic(tiny_model_dirs: dict[str, Path], precision: Precision) -> None:
+    """Same seed, same regrouping; the grouping of a given signal is the same on every device."""
+    results, signals = [], []
     for _ in range(2):
         torch.manual_seed(0)
-        model = apply_adapters(_load(tiny_model_dirs["qwen3"]), AdapterConfig(rank=4, dropout=0.0), seed=0)
-        optimizer = _train_steps(model, steps=2)
+        model = apply_adapters(
+            _load(tiny_model_dirs["qwen3"], precision), AdapterConfig(rank=4, dropout=0.0), seed=0
+        )
+        optimizer = _train_steps(model, steps=2, precision=precision)
+        signals.append({n: layer.dog_signal().clone() for n, layer in adapted_layers(model).items()})
         regroup(model, optimizer)
         results.append([layer.component_ids.clone() for layer in adapted_layers(model).values()])
+        assert all(
+            layer.component_ids.device.type == precision.device for layer in adapted_layers(model).values()
+        )
     for first, second in zip(*results, strict=True):
         assert torch.equal(first, second)
+    for signal in signals[0].values():
+        on_device = dog_grouping(signal, 8, 4, seed=5, restarts=2).labels
+        on_host = dog_grouping(signal.cpu().double(), 8, 4, seed=5, restarts=2).labels
+        assert on_device.device.type == "cpu" and torch.equal(on_device, on_host)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_dog_signal_sums_in_float32_whatever_the_model_dtype(
+    tiny_model_dirs: dict[str, Path], precision: Precision
+) -> None:
+    """A model cast to bfloat16 as a whole still accumulates the DOG signal in float32: many small
+    gradients on top of a large one would otherwise vanish below bfloat16's 8-bit mantissa."""
+    model = apply_adapters(_load(tiny_model_dirs["llama"], precision), AdapterConfig(rank=4), seed=0)
+    model.to(torch.bfloat16)
+    layer = next(iter(adapted_layers(model).values()))
+    grads = [torch.ones_like(layer.lora_a)] + [torch.full_like(layer.lora_a, 2.0**-10)] * 64
+    for grad in grads:
+        layer.lora_a.grad, layer.lora_b.grad = grad, torch.zeros_like(layer.lora_b)
+        accumulate_dog_signal(model)
+    assert layer.dog_grad_a.dtype == torch.float32
+    torch.testing.assert_close(layer.dog_grad_a, torch.full_like(layer.dog_grad_a, 1.0 + 64 * 2.0**-10))
 
 
 def test_aux_loss_collected_once_and_not_doubled_by_checkpointing(tiny_model_dirs: dict[str, Path]) -> None:

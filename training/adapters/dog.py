@@ -8,7 +8,11 @@ closest orthonormal set, (c) reassign components to directions under an exact ba
 
 Slot layout: slot j belongs to expert j // r. `labels_to_permutation` turns labels into the slot
 permutation to apply to the factors (A_new = A_old[perm], B_new = B_old[:, perm]).
-All randomness comes from an explicitly seeded `torch.Generator`; scores are computed in float64.
+Where the math runs: on the CPU, in float64, whatever the device and dtype of the inputs. The problem is
+small (K * r components per layer), the k-means++ draws then come from a seeded CPU `torch.Generator`
+(identical on every machine and every data-parallel rank, never the global RNG), and the exact balanced
+assignment needs numpy anyway. Every public function accepts tensors on any device and returns CPU tensors;
+the caller moves the final permutation to the model's device.
 """
 
 from __future__ import annotations
@@ -19,6 +23,16 @@ from dataclasses import dataclass
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
+
+
+def host64(x: Tensor) -> Tensor:
+    """x detached, on the CPU, in float64: where all of DOG's math runs."""
+    return x.detach().to(device="cpu", dtype=torch.float64)
+
+
+def host_labels(labels: Tensor) -> Tensor:
+    """Integer labels on the CPU as int64."""
+    return labels.detach().to(device="cpu", dtype=torch.int64)
 
 
 def normalize_rows(x: Tensor, eps: float = 1e-12) -> Tensor:
@@ -70,8 +84,8 @@ def spherical_kmeans(x: Tensor, k: int, iters: int = 50, seed: int = 0) -> Tenso
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"need 1 <= k <= N, got k={k}, x of shape {tuple(x.shape)}")
-    x = x.to(torch.float64)
-    gen = torch.Generator().manual_seed(seed)
+    x = host64(x)  # (N, D)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     centres = _kmeans_pp_init(x, k, gen)  # (k, D)
     labels: Tensor | None = None
     for _ in range(iters):
@@ -94,8 +108,8 @@ def orthogonal_directions(centroids: Tensor) -> Tensor:
     k, d = centroids.shape
     if k > d:
         raise ValueError(f"need K <= D for {k} orthonormal directions in dimension {d}")
-    u, _, vh = torch.linalg.svd(centroids.to(torch.float64), full_matrices=False)  # (K, K), (K, D)
-    return (u @ vh).to(centroids.dtype)  # (K, D)
+    u, _, vh = torch.linalg.svd(host64(centroids), full_matrices=False)  # (K, K), (K, D)
+    return (u @ vh).to(centroids.dtype)  # (K, D) on the CPU
 
 
 def balanced_assign(scores: Tensor, capacity: int) -> Tensor:
@@ -107,9 +121,10 @@ def balanced_assign(scores: Tensor, capacity: int) -> Tensor:
     n, k = scores.shape
     if n != k * capacity:
         raise ValueError(f"scores of shape {(n, k)} need N == K * capacity = {k} * {capacity}")
+    scores = host64(scores)  # (N, K)
     if not bool(torch.isfinite(scores).all()):
         raise ValueError("scores contain NaN or inf")
-    cost = scores.to(torch.float64).repeat_interleave(capacity, dim=1)  # (N, K * capacity)
+    cost = scores.repeat_interleave(capacity, dim=1)  # (N, K * capacity)
     rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
     labels = torch.empty(n, dtype=torch.int64)
     labels[torch.from_numpy(rows)] = torch.from_numpy(cols // capacity).to(torch.int64)
@@ -140,7 +155,7 @@ def cohesion(x: Tensor, labels: Tensor, num_groups: int) -> float:
     """sum_g ||sum_{i in g} x_i|| over unit rows x: the spherical k-means objective (the paper's Eq. 10,
     larger when members point the same way); used to pick the best of several restarts."""
     sums = torch.zeros(num_groups, x.shape[1], dtype=torch.float64).index_add_(
-        0, labels, x.to(torch.float64)
+        0, host_labels(labels), host64(x)
     )  # (K, D)
     return float(sums.norm(dim=1).sum())
 
@@ -174,7 +189,7 @@ def dog_grouping(
         _dog_grouping_once(signal, num_groups, group_size, max_iters, kmeans_iters, seed + i)
         for i in range(restarts)
     ]
-    x = normalize_rows(signal.to(torch.float64))
+    x = normalize_rows(host64(signal))  # (N, D)
     scores = [cohesion(x, r.labels, num_groups) for r in results]
     return results[scores.index(max(scores))]
 
@@ -193,7 +208,7 @@ def _dog_grouping_once(
         )
     if max_iters < 1:
         raise ValueError(f"max_iters must be >= 1, got {max_iters}")
-    x = normalize_rows(signal.to(torch.float64))  # (N, D)
+    x = normalize_rows(host64(signal))  # (N, D)
     kmeans_labels = spherical_kmeans(x, num_groups, iters=kmeans_iters, seed=seed)
     labels, converged, iterations = kmeans_labels, False, 0
     while not converged and iterations < max_iters:
@@ -207,6 +222,7 @@ def _dog_grouping_once(
 
 def match_groups(old_labels: Tensor, new_labels: Tensor, num_groups: int) -> Tensor:
     """Relabel new groups to the old labels they overlap most (max total overlap, Hungarian)."""
+    old_labels, new_labels = host_labels(old_labels), host_labels(new_labels)  # (N,), (N,)
     overlap = torch.zeros(num_groups, num_groups, dtype=torch.int64)  # (K_new, K_old)
     overlap.index_put_((new_labels, old_labels), torch.ones_like(new_labels), accumulate=True)
     rows, cols = linear_sum_assignment(overlap.numpy(), maximize=True)
@@ -218,6 +234,7 @@ def match_groups(old_labels: Tensor, new_labels: Tensor, num_groups: int) -> Ten
 def labels_to_permutation(labels: Tensor, num_groups: int, group_size: int) -> Tensor:
     """perm (N,): new slot j (expert j // group_size) holds old component perm[j], ascending per expert."""
     n = num_groups * group_size
+    labels = host_labels(labels)  # (N,)
     if labels.shape != (n,):
         raise ValueError(f"labels of shape {tuple(labels.shape)}, expected ({n},)")
     if n and (int(labels.min()) < 0 or int(labels.max()) >= num_groups):
@@ -243,7 +260,7 @@ def gradient_angles(signal: Tensor, labels: Tensor, num_groups: int) -> tuple[fl
     intra averages over all same-group pairs pooled across groups; a group direction is the normalised
     sum of its members' unit signals (empty groups are skipped). NaN when there are no pairs.
     """
-    x = normalize_rows(signal.to(torch.float64))  # (N, D)
+    x, labels = normalize_rows(host64(signal)), host_labels(labels)  # (N, D), (N,)
     total, pairs = 0.0, 0
     for g in range(num_groups):
         s, p = _mean_pairwise_angle_deg(x[labels == g])

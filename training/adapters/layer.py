@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +10,11 @@ from torch import nn
 
 from badit_serve.routing import RouterMode, routed_delta, router_logits, routing_weights
 from training.adapters.init import kaiming_lora_a, top_singular_components
+
+
+def float32_region(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on x's device: what runs inside computes in the dtype of its inputs (float32 here)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 @dataclass(frozen=True)
@@ -102,10 +108,31 @@ class RoutedAdapterLinear(nn.Module):
         return lora_a, lora_b
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits (T, K), dense weights (T, K) and selection mask (T, K) for tokens x (T, d_in)."""
-        logits = router_logits(x.float(), None if self.router is None else self.router.weight)  # (T, K)
-        weights, selected = routing_weights(logits, self.spec.top_k, self.spec.router, self.spec.gate_scale)
+        """Router logits (T, K), dense weights (T, K) and selection mask (T, K) for tokens x (T, d_in).
+
+        Always float32 with autocast off, as evaluation, the reference loader and vLLM compute them, so a
+        near-tie between two experts picks the same top-k in training and in serving."""
+        router = None if self.router is None else self.router.weight.float()  # (K, d_in)
+        with float32_region(x):
+            logits = router_logits(x.float(), router)  # (T, K)
+            weights, selected = routing_weights(
+                logits, self.spec.top_k, self.spec.router, self.spec.gate_scale
+            )  # (T, K), (T, K)
         return logits, weights, selected
+
+    def expert_delta(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """s * sum_e w_e B_e A_e x (minus the frozen B0_e A0_e x in the delta form): (T, d_out) float32.
+
+        Autocast is off here: the BAD delta is a small difference of two large products, and rounding each
+        product to bfloat16 (about 2^-9 |s B0 A0 x|) would drown what A and B have learned."""
+        s = self.spec.scaling
+        with float32_region(x):
+            x, weights = x.float(), weights.float()  # (T, d_in), (T, K)
+            delta = routed_delta(x, weights, self.lora_a.float(), self.lora_b.float(), s)  # (T, d_out)
+            if self.spec.is_delta:  # separate call: bitwise-identical terms cancel exactly at init
+                a0, b0 = self.lora_a0.float(), self.lora_b0.float()  # (K*r, d_in), (d_out, K*r)
+                delta = delta - routed_delta(x, weights, a0, b0, s)  # (T, d_out)
+        return delta
 
     def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The servable factors: A (K*R, d_in), B (d_out, K*R) with R = r, or 2r in the delta form
@@ -120,13 +147,8 @@ class RoutedAdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)  # (..., d_out)
         flat = x.reshape(-1, self.in_features)  # (T, d_in)
-        logits, weights, selected = self.route(flat)
-        adapter_in = self.dropout(flat).to(self.lora_a.dtype)  # (T, d_in)
-        weights = weights.to(self.lora_a.dtype)
-        s = self.spec.scaling
-        delta = routed_delta(adapter_in, weights, self.lora_a, self.lora_b, s)  # (T, d_out)
-        if self.spec.is_delta:  # separate call: bitwise-identical terms cancel exactly at init
-            delta = delta - routed_delta(adapter_in, weights, self.lora_a0, self.lora_b0, s)
+        logits, weights, selected = self.route(flat)  # (T, K) each, float32
+        delta = self.expert_delta(self.dropout(flat.float()), weights)  # (T, d_out) float32
         if self.training:
             self._record_router_stats(logits, selected)
         if self.selection_counts is not None:
@@ -151,6 +173,8 @@ class RoutedAdapterLinear(nn.Module):
         """Add the current gradients of A and B (after any all-reduce) to the DOG accumulators."""
         if self.lora_a.grad is None or self.lora_b.grad is None:
             return
+        if self.dog_grad_a.dtype != torch.float32:  # a model-wide .to(bfloat16) cast the sums as well
+            self.dog_grad_a, self.dog_grad_b = self.dog_grad_a.float(), self.dog_grad_b.float()
         self.dog_grad_a += self.lora_a.grad.float()
         self.dog_grad_b += self.lora_b.grad.float()
         self.dog_steps += 1

@@ -13,6 +13,7 @@ from training.adapters.config import DogConfig
 from training.adapters.dog import (
     dog_grouping,
     gradient_angles,
+    host64,
     labels_to_permutation,
     match_groups,
     normalize_rows,
@@ -99,7 +100,7 @@ def _regroup_layer(
     steps = int(layer.dog_steps)
     if steps == 0 or k == 1:
         return None
-    signal = normalize_rows(layer.dog_signal().double())  # (K*r, d_in + d_out)
+    signal = normalize_rows(host64(layer.dog_signal()))  # (K*r, d_in + d_out) on the CPU, float64
     current = torch.arange(k * r) // r  # (K*r,) slot j belongs to expert j // r
     result = dog_grouping(
         signal,
