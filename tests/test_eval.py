@@ -98,26 +98,63 @@ def test_average_score_hand_worked() -> None:
 
 def test_forgetting_rate_hand_worked() -> None:
     # task 0: peak over stages 0..1 = max(50, 52) = 52, final 30 -> 22
-    # task 1: peak over stage 1 = 60, final 55 -> 5
-    # Forget Rate = (22 + 5) / 2 = 13.5   (the peak at stage 1 makes it differ from -Backward = 12.5)
+    # task 1: peak over stages 0..1 = max(10, 60) = 60, final 55 -> 5  (stage 0 is before task 1 trained)
+    # Forget Rate = (22 + 5) / 2 = 13.5 under both conventions here
     assert forgetting_rate(A) == pytest.approx(13.5)
+    assert forgetting_rate(A, "gem") == pytest.approx(13.5)
 
 
-def test_forgetting_rate_peak_from_start() -> None:
-    # a[0][1] = 65 is a score of task 1 before it was trained: ignored by default, counted from the start.
-    a = [row[:] for row in A]
-    a[0][1] = 65.0
-    assert forgetting_rate(a) == pytest.approx(13.5)
-    # task 1: max(65, 60) - 55 = 10 -> (22 + 10) / 2 = 16
-    assert forgetting_rate(a, peak_from_start=True) == pytest.approx(16.0)
-    # unread entries may be NaN
-    a[0][1] = a[0][2] = a[1][2] = math.nan
-    assert forgetting_rate(a) == pytest.approx(13.5)
+# B: as A, but task 1 scored 62 after stage 0, before it was trained (transfer from task 0).
+B = [
+    [50.0, 62.0, 5.0],
+    [52.0, 60.0, 8.0],
+    [30.0, 55.0, 70.0],
+]
 
 
-def test_backward_transfer_hand_worked() -> None:
-    # ((30 - 50) + (55 - 60)) / 2 = -12.5
-    assert backward_transfer(A) == pytest.approx(-12.5)
+def test_forgetting_rate_conventions_hand_worked() -> None:
+    # authors (parse_scores.py): peak over every earlier stage.
+    #   task 0: max(50, 52) - 30 = 22;  task 1: max(62, 60) - 55 = 7   -> (22 + 7) / 2 = 14.5
+    assert forgetting_rate(B) == pytest.approx(14.5)
+    assert forgetting_rate(B, "authors") == pytest.approx(14.5)
+    # gem: peak once learned.  task 0: 22;  task 1: max(60) - 55 = 5   -> (22 + 5) / 2 = 13.5
+    assert forgetting_rate(B, "gem") == pytest.approx(13.5)
+    # gem never reads the entries above the diagonal, so they may be NaN
+    nan = [row[:] for row in B]
+    nan[0][1] = nan[0][2] = nan[1][2] = math.nan
+    assert forgetting_rate(nan, "gem") == pytest.approx(13.5)
+
+
+def test_backward_transfer_conventions_hand_worked() -> None:
+    # authors: over all 3 tasks, / 3:  ((30 - 50) + (55 - 60) + (70 - 70)) / 3 = -25 / 3
+    assert backward_transfer(A) == pytest.approx(-25.0 / 3)
+    assert backward_transfer(B, "authors") == pytest.approx(-25.0 / 3)
+    # gem: over the 2 earlier tasks, / 2:  ((30 - 50) + (55 - 60)) / 2 = -12.5
+    assert backward_transfer(A, "gem") == pytest.approx(-12.5)
+
+
+def test_authors_scorer_formulas_on_a_four_task_matrix() -> None:
+    """The released scorer's loops, written out by hand for T = 4 (Fgt over t < 3 of max(col[:3]) - last)."""
+    a = [
+        [40.0, 20.0, 30.0, 10.0],
+        [35.0, 50.0, 25.0, 12.0],
+        [45.0, 41.0, 60.0, 14.0],
+        [33.0, 44.0, 52.0, 70.0],
+    ]
+    # Fgt: task 0 max(40, 35, 45) - 33 = 12; task 1 max(20, 50, 41) - 44 = 6; task 2 max(30, 25, 60) - 52 = 8
+    assert forgetting_rate(a) == pytest.approx((12 + 6 + 8) / 3)
+    # Bwt: ((33 - 40) + (44 - 50) + (52 - 60) + (70 - 70)) / 4 = -21 / 4
+    assert backward_transfer(a) == pytest.approx(-21.0 / 4)
+    # Cl: (33 + 44 + 52 + 70) / 4;  Fwt: mean diagonal - mean single = (40 + 50 + 60 + 70) / 4 - 45
+    single = [44.0, 46.0, 45.0, 45.0]
+    assert continual_metrics(a, single) == pytest.approx(
+        {"rouge": 199.0 / 4, "forget_rate": 26.0 / 3, "backward": -21.0 / 4, "forward": 220.0 / 4 - 45.0}
+    )
+
+
+def test_unknown_convention_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown metric convention 'chaudhry'.*authors.*gem"):
+        continual_metrics(A, convention="chaudhry")
 
 
 def test_forward_transfer_hand_worked() -> None:
@@ -128,8 +165,10 @@ def test_forward_transfer_hand_worked() -> None:
 
 
 def test_continual_metrics_bundle() -> None:
-    assert continual_metrics(A) == pytest.approx({"rouge": 155.0 / 3, "forget_rate": 13.5, "backward": -12.5})
-    full = continual_metrics(A, SINGLE)
+    assert continual_metrics(A) == pytest.approx(
+        {"rouge": 155.0 / 3, "forget_rate": 13.5, "backward": -25.0 / 3}
+    )
+    full = continual_metrics(A, SINGLE, "gem")
     assert full == pytest.approx({"rouge": 155.0 / 3, "forget_rate": 13.5, "backward": -12.5, "forward": 4.0})
     # one stage (mixed training): forward = mixed forward, no forgetting terms
     assert continual_metrics([[40.0]], [30.0]) == pytest.approx({"rouge": 40.0, "forward": 10.0})

@@ -27,7 +27,7 @@ from training.checkpoint import (
 from training.config import RunConfig, dump_config, load_config
 from training.data import Task, encode_eval_prompts, encode_train, load_tasks
 from training.distributed import barrier, init_from_env
-from training.eval import TaskScore, continual_metrics, evaluate_tasks, mixed_forward
+from training.eval import DEFAULT_CONVENTION, TaskScore, continual_metrics, evaluate_tasks, mixed_forward
 from training.export import measure_task_shares
 from training.hooks import TrainerHook, config_hooks
 from training.metrics_log import MetricsLog
@@ -298,6 +298,7 @@ def summarize_scores(
     results["exact_match"] = sum(em) / len(em) if em else None
     if mode == "sequential" and len(rows) == len(order) and all(None not in r for r in matrix):
         results["continual"] = continual_metrics(matrix, [single[t] for t in order] if single else None)
+        results["metric_convention"] = DEFAULT_CONVENTION
     elif mode == "mixed" and single and rouge:
         results["continual"] = {
             "forward": mixed_forward([final[t]["rouge_l"] for t in order], [single[t] for t in order])

@@ -2,10 +2,12 @@
 
 from training.eval import evaluate_tasks, continual_metrics
 scores = evaluate_tasks(model, tokenizer, tasks, cfg.data.prompt_format, cfg.data.max_length, cfg.eval)
-metrics = continual_metrics(score_matrix, single)  # rouge, forget_rate, backward, forward
+metrics = continual_metrics(score_matrix, single)  # rouge, forget_rate, backward, forward (authors' scorer)
 """
 
 from training.eval.continual import (
+    CONVENTIONS,
+    DEFAULT_CONVENTION,
     average_score,
     backward_transfer,
     continual_metrics,
@@ -17,6 +19,8 @@ from training.eval.generate import evaluate_tasks, generate_predictions
 from training.eval.scoring import TaskScore, exact_match, normalize_answer, rouge_l, score_task
 
 __all__ = [
+    "CONVENTIONS",
+    "DEFAULT_CONVENTION",
     "TaskScore",
     "average_score",
     "backward_transfer",

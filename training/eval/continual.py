@@ -2,11 +2,18 @@
 
 Notation: T tasks are trained in T stages, task i in stage i (0-based, training order). `a[j][i]` is the
 score (Rouge-L, percent) on task i after stage j; row j = one evaluation of every task after stage j.
-`single[i]` is the score of task i when trained alone. Entries a[j][i] with j < i (tasks not yet trained)
-are never read unless `forgetting_rate(..., peak_from_start=True)`; they may be NaN.
+`single[i]` is the score of task i when trained alone.
 
-Paper prose (G.5, its math was lost in extraction), following GEM (Lopez-Paz & Ranzato, 2017) and SAPT
-(Zhao et al., 2024):
+Two conventions, picked by name (`CONVENTIONS`); they differ in Forget Rate and Backward only:
+  "authors" (default): the authors' released scorer (repository wangbing1416/BADIT, src/parse_scores.py),
+    so numbers compare with the paper's tables. Forget's peak runs over every earlier stage j in [0, T-2],
+    including stages before task i was trained (so every a[j][i] must be given); Backward sums over all T
+    tasks (the last term is 0) and divides by T.
+  "gem": GEM (Lopez-Paz & Ranzato, 2017) / SAPT as usually written. Forget's peak runs over j in [i, T-2],
+    once task i was learned; Backward averages over the T-1 earlier tasks. Entries a[j][i] with j < i
+    are never read and may be NaN.
+
+Paper prose (G.5, its math was lost in extraction):
   Rouge: "measures the overall effectiveness after learning the entire sequence of tasks".
   Forward: "quantifies how much prior knowledge acquired from previously seen tasks helps (or hinders) the
     learning of a new task. It is measured relative to a baseline where each task is learned in isolation."
@@ -19,8 +26,35 @@ Paper prose (G.5, its math was lost in extraction), following GEM (Lopez-Paz & R
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 Matrix = Sequence[Sequence[float]]
+ConventionName = Literal["authors", "gem"]
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How Forget Rate and Backward read the score matrix."""
+
+    peak_from_first_stage: bool
+    """Forget's peak over every earlier stage (True), or only from the stage that learned the task."""
+    backward_over_all_tasks: bool
+    """Backward sums a[T-1][i] - a[i][i] over all T tasks and divides by T (True), or over the T-1 earlier."""
+
+
+CONVENTIONS: dict[str, Convention] = {
+    "authors": Convention(peak_from_first_stage=True, backward_over_all_tasks=True),
+    "gem": Convention(peak_from_first_stage=False, backward_over_all_tasks=False),
+}
+DEFAULT_CONVENTION: ConventionName = "authors"
+
+
+def resolve_convention(name: str) -> Convention:
+    """The named convention; ValueError naming the known ones otherwise."""
+    if name not in CONVENTIONS:
+        raise ValueError(f"unknown metric convention {name!r}; known: {sorted(CONVENTIONS)}")
+    return CONVENTIONS[name]
 
 
 def _size(a: Matrix) -> int:
@@ -54,34 +88,35 @@ def average_score(a: Matrix) -> float:
     return sum(a[size - 1]) / size
 
 
-def forgetting_rate(a: Matrix, peak_from_start: bool = False) -> float:
-    """Forget Rate = (1/(T-1)) * sum_{i=0}^{T-2} max_{j in [i, T-2]} (a[j][i] - a[T-1][i]).
+def forgetting_rate(a: Matrix, convention: ConventionName = DEFAULT_CONVENTION) -> float:
+    """Forget Rate = (1/(T-1)) * sum_{i=0}^{T-2} (max_{j in [j0, T-2]} a[j][i] - a[T-1][i]).
 
-    The drop of each earlier task from its best score after it was learned (stage i .. T-2) to its final
-    score, averaged over the T-1 tasks before the last (GEM/SAPT forgetting; G.5: "the performance drop
-    from the peak ... to the end"). Higher means more forgetting; it is >= -Backward. With
-    `peak_from_start=True` the peak runs over every earlier stage, j in [0, T-2], including those before
-    task i was trained (Chaudhry et al., 2018, as literally written); then a[j][i] must be given for j < i.
+    The drop of each earlier task from its peak to its final score, averaged over the T-1 tasks before
+    the last; higher means more forgetting. j0 = 0 under "authors" (parse_scores.py: the peak over every
+    earlier stage, including those before task i was trained; Chaudhry et al., 2018, as written), j0 = i
+    under "gem" (the peak once task i was learned).
     """
     size = _size(a)
     _need_two_stages(size, "Forget Rate")
+    rule = resolve_convention(convention)
     total = 0.0
     for i in range(size - 1):
-        first = 0 if peak_from_start else i
+        first = 0 if rule.peak_from_first_stage else i
         peak = max(a[j][i] for j in range(first, size - 1))
         total += peak - a[size - 1][i]
     return total / (size - 1)
 
 
-def backward_transfer(a: Matrix) -> float:
-    """Backward = (1/(T-1)) * sum_{i=0}^{T-2} (a[T-1][i] - a[i][i]).
+def backward_transfer(a: Matrix, convention: ConventionName = DEFAULT_CONVENTION) -> float:
+    """Backward = (1/n) * sum_{i<n} (a[T-1][i] - a[i][i]): final score minus the score right after learning.
 
-    Final score minus the score right after learning, averaged over the T-1 tasks before the last (GEM's
-    BWT); negative means forgetting, positive means later tasks helped earlier ones.
+    n = T under "authors" (parse_scores.py sums over every task, the last contributing 0), n = T-1 under
+    "gem" (GEM's BWT over the earlier tasks). Negative means forgetting, positive means later tasks helped.
     """
     size = _size(a)
     _need_two_stages(size, "Backward")
-    return sum(a[size - 1][i] - a[i][i] for i in range(size - 1)) / (size - 1)
+    count = size if resolve_convention(convention).backward_over_all_tasks else size - 1
+    return sum(a[size - 1][i] - a[i][i] for i in range(count)) / count
 
 
 def forward_transfer(a: Matrix, single: Sequence[float]) -> float:
@@ -109,19 +144,22 @@ def mixed_forward(final: Sequence[float], single: Sequence[float]) -> float:
     return sum(f - s for f, s in zip(final, single, strict=True)) / len(final)
 
 
-def continual_metrics(a: Matrix, single: Sequence[float] | None = None) -> dict[str, float]:
+def continual_metrics(
+    a: Matrix, single: Sequence[float] | None = None, convention: ConventionName = DEFAULT_CONVENTION
+) -> dict[str, float]:
     """{'rouge', 'forget_rate', 'backward'} of a T x T score matrix, plus 'forward' when `single` is given.
 
     'forget_rate' and 'backward' need T >= 2 and are left out for a single stage (T = 1), where 'forward'
-    equals `mixed_forward(a[0], single)`.
+    equals `mixed_forward(a[0], single)`. `convention` picks how they read the matrix (module doc).
     """
     size = _size(a)
+    resolve_convention(convention)
     if single is not None:
         _check_single(single, size)
     metrics = {"rouge": average_score(a)}
     if size >= 2:
-        metrics["forget_rate"] = forgetting_rate(a)
-        metrics["backward"] = backward_transfer(a)
+        metrics["forget_rate"] = forgetting_rate(a, convention)
+        metrics["backward"] = backward_transfer(a, convention)
     if single is not None:
         metrics["forward"] = forward_transfer(a, single)
     return metrics
