@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,7 @@ def _randomise_routers(model: nn.Module, scale: float = 5.0) -> None:
                 layer.router.weight.copy_(torch.randn(layer.router.weight.shape, generator=gen) * scale)
 
 
-@pytest.mark.parametrize("method", ["badit", "badit_no_bad", "lora", "loramoe", "pissa"])
+@pytest.mark.parametrize("method", ["badit", "badit_no_bad", "lora", "loramoe", "loramoe_dense", "pissa"])
 def test_init_reproduces_base_model_whatever_the_router(tiny_model_dir: Path, method: str) -> None:
     input_ids = _tokens()
     base_logits = _load(tiny_model_dir)(input_ids).logits
@@ -274,7 +275,12 @@ def test_config_validation() -> None:
         "topk",
         "bad",
     )
-    assert layer_spec(AdapterConfig(method="loramoe")).router == "dense"
+    # loramoe = Badit's router over LoRA experts without DOG (the paper's "w/o BAD & DOG" row)
+    loramoe, badit = AdapterConfig(method="loramoe"), AdapterConfig(method="badit")
+    assert (layer_spec(loramoe).init, loramoe.resolved().dog) == ("lora", False)
+    assert dataclasses.replace(layer_spec(loramoe), init="bad") == layer_spec(badit)
+    dense = layer_spec(AdapterConfig(method="loramoe_dense"))
+    assert (dense.router, dense.num_experts, dense.top_k, dense.gate_scale) == ("dense", 8, 8, 1.0)
     assert layer_spec(AdapterConfig(method="pissa")).init == "bad-residual"
 
 

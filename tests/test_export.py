@@ -28,7 +28,7 @@ def _trained_model(model_dir: Path, method: str = "badit", steps: int = 3) -> to
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
-@pytest.mark.parametrize("method", ["badit", "pissa", "loramoe"])
+@pytest.mark.parametrize("method", ["badit", "pissa", "loramoe", "loramoe_dense"])
 def test_round_trip_reproduces_training_logits(
     tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str, method: str
 ) -> None:
@@ -208,7 +208,7 @@ def test_dense_export_folds_experts_by_mean_weight(tiny_model_dirs: dict[str, Pa
     """With a dense router whose weights are constant, folding is exact: dense == routed."""
     from training.export import export_dense
 
-    config = AdapterConfig(method="loramoe", rank=4, dropout=0.0)
+    config = AdapterConfig(method="loramoe_dense", rank=4, dropout=0.0)
     model = apply_adapters(
         AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"], dtype=torch.float32), config, seed=0
     )

@@ -62,7 +62,9 @@ def _cli(overrides: list[str], *flags: str) -> int:
     return train_main(args)
 
 
-@pytest.mark.parametrize("method", ["badit", "lora", "pissa", "loramoe", "badit_no_dog", "badit_no_bad"])
+@pytest.mark.parametrize(
+    "method", ["badit", "lora", "pissa", "loramoe", "loramoe_dense", "badit_no_dog", "badit_no_bad"]
+)
 def test_every_method_trains_evaluates_and_exports(
     tiny_model_dirs, superni_dir, tmp_path, method, capsys
 ) -> None:
@@ -82,7 +84,7 @@ def test_every_method_trains_evaluates_and_exports(
     regroups = [e for e in events if e["event"] == "regroup"]
     assert len(regroups) == (1 if method in ("badit", "badit_no_bad") else 0)
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]
-    dense = ["--dense"] if method in ("badit", "loramoe") else []
+    dense = ["--dense"] if method in ("badit", "loramoe_dense") else []
     assert export_main([str(out), str(tmp_path / "export"), *dense]) == 0
     assert (tmp_path / "export" / "badit_manifest.json").is_file()
     assert (tmp_path / "export-dense" / "model.safetensors").is_file() == bool(dense)

@@ -165,21 +165,54 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
 
 
+BASE_KEY = "base"
+"""Top-level key of a config file naming the config it overrides (a path relative to the file)."""
+
+
+def merge_trees(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` on top of `base`: sections merge key by key, any other value (lists included) replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_trees(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML tree of `path` with its `base:` chain merged underneath (cycles are an error)."""
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"{path}: base chain loops: {' -> '.join(str(p) for p in (*chain, path))}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        where = f" (base of {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file not found: {path}{where}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    tree = dict(loaded or {})
+    base = tree.pop(BASE_KEY, None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: {BASE_KEY} must be a path to another config file, got {base!r}")
+    return merge_trees(_read_tree(path.parent / base, (*chain, path)), tree)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Load a YAML run config (or the defaults when `path` is None) and apply dotted overrides."""
+    """Load a YAML run config (or the defaults when `path` is None) and apply dotted overrides.
+
+    A file may start from another: `base: other.yaml` (relative to the file) loads that one first and
+    lays this file's values over it, so a baseline config lists only what differs from its base."""
     tree: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
         source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file not found: {path}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        tree = loaded or {}
+        tree = _read_tree(Path(path))
     for assignment in overrides:
         apply_override(tree, assignment)
     try:

@@ -31,7 +31,14 @@ METHODS: dict[str, MethodPreset] = {
     "badit": MethodPreset(8, 4, "bad", "topk", True, True, "BAD init + top-k router + DOG"),
     "badit_no_dog": MethodPreset(8, 4, "bad", "topk", False, True, "ablation: no DOG regrouping"),
     "badit_no_bad": MethodPreset(8, 4, "lora", "topk", True, True, "ablation: LoRA-initialised experts"),
-    "loramoe": MethodPreset(8, 8, "lora", "dense", False, False, "LoRA experts, dense softmax router"),
+    # LoRAMoE as the paper compares it: its "w/o BAD & DOG" rows (Table 2) equal its LoRAMoE rows, i.e.
+    # Badit's router (8 experts, top-4, same gate scale) with plain LoRA init and no DOG; only BAD and DOG
+    # differ from badit. The authors' released config/loramoe_k{3..6}.config instead run LoRAMoE dense
+    # (num_experts = top_k): that is loramoe_dense.
+    "loramoe": MethodPreset(
+        8, 4, "lora", "topk", False, True, "Badit's top-4 router over LoRA experts, no DOG"
+    ),
+    "loramoe_dense": MethodPreset(8, 8, "lora", "dense", False, False, "LoRA experts, dense softmax router"),
     "lora": MethodPreset(1, 1, "lora", "none", False, False, "one LoRA expert"),
     "pissa": MethodPreset(1, 1, "pissa", "none", False, False, "one expert, top-r SVD components"),
 }
@@ -83,12 +90,12 @@ class AdapterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     method: str = "badit"
-    """Preset from `METHODS`: badit (BAD init + top-k router + DOG), lora, pissa, loramoe, badit_no_dog,
-    badit_no_bad."""
+    """Preset from `METHODS`: badit (BAD init + top-k router + DOG), lora, pissa, loramoe (Badit's router,
+    LoRA init, no DOG), loramoe_dense (dense softmax router), badit_no_dog, badit_no_bad."""
     target_modules: list[str] = Field(default_factory=lambda: ["gate_proj"], min_length=1)
     """Names (last path component) of the nn.Linear modules to adapt, e.g. ['gate_proj']."""
     num_experts: int | None = Field(None, ge=1, le=256)
-    """K, experts per adapted layer (badit/loramoe default 8; lora/pissa 1)."""
+    """K, experts per adapted layer (badit/loramoe/loramoe_dense default 8; lora/pissa 1)."""
     rank: int = Field(8, ge=1, le=1024)
     """r, the rank of each expert."""
     top_k: int | None = Field(None, ge=1, le=256)
