@@ -117,10 +117,10 @@ def test_killed_run_resumes_to_identical_weights(tiny_model_dirs, superni_dir, t
     )
     with pytest.raises(KeyboardInterrupt):
         run(killed, show_progress=False, hooks=[InterruptAfter(3)])
-    assert load_checkpoint(latest_checkpoint(tmp_path / "killed"))["progress"]["global_step"] == 3
+    assert load_checkpoint(latest_checkpoint(tmp_path / "killed")).progress.global_step == 3
     run(killed, resume=True, show_progress=False)
-    a = load_checkpoint(latest_checkpoint(tmp_path / "whole"))["adapter"]
-    b = load_checkpoint(latest_checkpoint(tmp_path / "killed"))["adapter"]
+    a = load_checkpoint(latest_checkpoint(tmp_path / "whole")).adapter
+    b = load_checkpoint(latest_checkpoint(tmp_path / "killed")).adapter
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
@@ -148,9 +148,9 @@ def test_sequential_run_killed_mid_stage_resumes_to_identical_weights(
     run(killed, resume=True, show_progress=False)
     a = load_checkpoint(latest_checkpoint(tmp_path / "whole"))
     b = load_checkpoint(latest_checkpoint(tmp_path / "killed"))
-    assert b["progress"]["global_step"] == a["progress"]["global_step"] == 6
-    for key in a["adapter"]:
-        torch.testing.assert_close(b["adapter"][key], a["adapter"][key], atol=1e-6, rtol=0, msg=key)
+    assert b.progress.global_step == a.progress.global_step == 6
+    for key in a.adapter:
+        torch.testing.assert_close(b.adapter[key], a.adapter[key], atol=1e-6, rtol=0, msg=key)
 
 
 def test_sequential_mode_evaluates_every_task_after_each_stage(
@@ -213,8 +213,8 @@ def test_torchrun_two_cpu_ranks_match_one_process(tiny_model_dirs, superni_dir, 
         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a = load_checkpoint(latest_checkpoint(tmp_path / "one"))["adapter"]
-    b = load_checkpoint(latest_checkpoint(tmp_path / "ddp"))["adapter"]
+    a = load_checkpoint(latest_checkpoint(tmp_path / "one")).adapter
+    b = load_checkpoint(latest_checkpoint(tmp_path / "ddp")).adapter
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
         if key.endswith("component_ids"):

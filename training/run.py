@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from badit_serve.atomic import atomic_write_text
 from training.adapters import apply_adapters
 from training.checkpoint import (
-    checkpoint_progress,
+    TrainingState,
     latest_checkpoint,
     load_checkpoint,
     restore_training_state,
@@ -80,7 +80,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_run_dir(cfg: RunConfig, run: RunDir, resume: bool, force: bool) -> dict[str, Any] | None:
+def prepare_run_dir(cfg: RunConfig, run: RunDir, resume: bool, force: bool) -> TrainingState | None:
     """Create (or reuse) the run directory; returns the checkpoint state to resume from, if any."""
     if resume:
         checkpoint = latest_checkpoint(run)
@@ -141,7 +141,7 @@ class RunRecipe:
             else [PlannedStage(t.name, [t]) for t in self.ordered]
         )
         self.resume_state = state
-        progress = checkpoint_progress(state) if state else RunProgress()
+        progress = state.progress if state else RunProgress()
         self.progress = dataclasses.replace(progress, order=tuple(t.name for t in self.ordered))
         self.log = MetricsLog(self.run.metrics)
         self.hooks = config_hooks(cfg.adapter) + self.extra_hooks  # one set for the whole run

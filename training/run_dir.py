@@ -6,7 +6,7 @@
 <run>/expert_shares.json     per module, per task, the share of tokens selecting each expert
 <run>/report.md, plots/      the human-readable report
 <run>/predictions/stage-NN.jsonl
-<run>/checkpoints/step-NNNNNNN/state.pt, checkpoints/latest
+<run>/checkpoints/step-NNNNNNN/{state.json,tensors.safetensors}, checkpoints/latest
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ class RunDir:
     PLOTS = "plots"
     PREDICTIONS = "predictions"
     CHECKPOINTS = "checkpoints"
-    STATE = "state.pt"
+    STATE = "state.json"
+    TENSORS = "tensors.safetensors"
+    LEGACY_STATE = "state.pt"
+    """The pickle state file of older checkpoints (refused when loaded)."""
     LATEST = "latest"
 
     @classmethod
@@ -82,6 +85,15 @@ class RunDir:
         """The state file inside a checkpoint directory."""
         return checkpoint / cls.STATE
 
+    @classmethod
+    def tensors_file(cls, checkpoint: Path) -> Path:
+        """The safetensors file inside a checkpoint directory."""
+        return checkpoint / cls.TENSORS
+
+    @classmethod
+    def legacy_state_file(cls, checkpoint: Path) -> Path:
+        return checkpoint / cls.LEGACY_STATE
+
     def is_run(self) -> bool:
         """Whether this holds a run (its config file)."""
         return self.config.is_file()
@@ -90,4 +102,5 @@ class RunDir:
     def of_checkpoint(cls, checkpoint: Path) -> RunDir | None:
         """The run directory holding `checkpoint` (a `checkpoints/step-*` directory), if it is one."""
         run = cls(checkpoint.parent.parent)
-        return run if cls.state_file(checkpoint).is_file() and run.is_run() else None
+        has_state = cls.state_file(checkpoint).is_file() or cls.legacy_state_file(checkpoint).is_file()
+        return run if has_state and run.is_run() else None

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from training.adapters import collect_aux_loss, router_load, trainable_parameters
-from training.checkpoint import restore_training_state, save_checkpoint
+from training.checkpoint import TrainingState, restore_training_state, save_checkpoint
 from training.config import OutputConfig, TrainConfig
 from training.data import TrainExample, collate_train
 from training.distributed import World, barrier, sum_across
@@ -51,7 +51,7 @@ class Stage:
     name: str
     progress: RunProgress
     """The run's progress at this stage's start (or at the checkpoint it resumes from)."""
-    resume_state: dict | None = None
+    resume_state: TrainingState | None = None
     """A mid-stage checkpoint's state to continue from (its progress.stage_step steps are done)."""
 
 

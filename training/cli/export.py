@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from badit_serve.exit_codes import run_cli
 from badit_serve.export_io import ExportError
-from training.checkpoint import latest_checkpoint, load_checkpoint, restore_training_state
+from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, restore_training_state
 from training.config import ConfigError, load_config
 from training.data import DataError, encode_eval_prompts, load_tasks
 from training.export import export_dense, export_model, mean_kl, measure_routing
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "in by its mean routing weight on the evaluation sets (no plugin needed)",
     )
     args = parser.parse_args(argv)
-    invalid = (ExportError, ConfigError, ModelNotFoundError, FileNotFoundError, DataError)
+    invalid = (ExportError, ConfigError, ModelNotFoundError, FileNotFoundError, DataError, CheckpointError)
     return run_cli("badit-export", lambda: _export(args), invalid=invalid)
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from badit_serve.exit_codes import run_cli
+from training.checkpoint import CheckpointError
 from training.config import ConfigError, load_config
 from training.data import DataError
 from training.model_store import ModelNotFoundError
@@ -47,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     return run_cli(
-        "badit-train", lambda: _train(args), invalid=(ConfigError, RunError, DataError, ModelNotFoundError)
+        "badit-train",
+        lambda: _train(args),
+        invalid=(ConfigError, RunError, DataError, ModelNotFoundError, CheckpointError),
     )
 
 
