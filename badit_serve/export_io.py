@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from badit_serve.architectures import BADIT_ARCHITECTURES
 from badit_serve.atomic import TargetExistsError, atomic_directory, check_target
@@ -37,6 +36,7 @@ from badit_serve.format import (
     expert_prefix,
     expert_tensor_shapes,
 )
+from badit_serve.tensor_files import write_tensors
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
@@ -69,7 +69,7 @@ def _write_weights(out_dir: Path, tensors: dict[str, torch.Tensor], max_shard_by
     tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if total <= max_shard_bytes:
-        save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_tensors(out_dir / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
         return
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -83,7 +83,7 @@ def _write_weights(out_dir: Path, tensors: dict[str, torch.Tensor], max_shard_by
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / file), metadata={"format": "pt"})
+        write_tensors(out_dir / file, shard, metadata={"format": "pt"})
         weight_map.update({name: file for name in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / WEIGHTS_INDEX_FILE).write_text(json.dumps(index, indent=2))

@@ -98,3 +98,11 @@ def test_damaged_checkpoints_get_an_error_naming_the_file(tiny_model_dirs, tmp_p
     RunDir.state_file(path).write_text('{"format": "something-else"}')
     with pytest.raises(CheckpointError, match="state.json: not a badit-checkpoint"):
         load_checkpoint(path)
+
+
+def test_a_failed_tensor_write_is_an_oserror_naming_the_file(tmp_path) -> None:
+    from badit_serve.tensor_files import write_tensors
+
+    with pytest.raises(OSError, match="missing-dir") as caught:
+        write_tensors(tmp_path / "missing-dir" / "x.safetensors", {"a": torch.zeros(2)})
+    assert caught.value.filename.endswith("x.safetensors")

@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from badit_serve.atomic import atomic_directory, atomic_write_text
+from badit_serve.tensor_files import write_tensors
 from training.adapters import adapted_layers, adapter_state_dict, load_adapter_state_dict
 from training.progress import RunProgress
 from training.run_dir import RunDir
@@ -181,7 +182,7 @@ def write_state(directory: Path, state: TrainingState) -> None:
     except TypeError as exc:
         raise CheckpointError(f"{RunDir.state_file(directory)}: state is not plain data: {exc}") from exc
     RunDir.state_file(directory).write_text(text)
-    save_file(tensors, RunDir.tensors_file(directory))
+    write_tensors(RunDir.tensors_file(directory), tensors)
 
 
 def save_checkpoint(

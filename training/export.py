@@ -8,7 +8,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from badit_serve.export_io import export_directory, write_export
@@ -21,6 +20,7 @@ from badit_serve.format import (
     RoutingTable,
     expert_prefix,
 )
+from badit_serve.tensor_files import write_tensors
 from training.adapters import AdapterConfig, adapted_layers
 from training.adapters.apply import ADAPTER_CONFIG_ATTR
 from training.loss import mean_token_kl
@@ -216,9 +216,9 @@ def write_plain_model(
     out_dir = Path(out_dir)
     with export_directory(out_dir, force) as staging:
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        save_file(
+        write_tensors(
+            staging / "model.safetensors",
             {k: v.contiguous() for k, v in tensors.items()},
-            str(staging / "model.safetensors"),
             metadata={"format": "pt"},
         )
         for src in copy_files:
