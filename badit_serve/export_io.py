@@ -89,6 +89,16 @@ def _write_weights(out_dir: Path, tensors: dict[str, torch.Tensor], max_shard_by
     (out_dir / WEIGHTS_INDEX_FILE).write_text(json.dumps(index, indent=2))
 
 
+def write_manifest(directory: Path) -> None:
+    """badit_manifest.json: sha256 and size of every other file of `directory`."""
+    files = {
+        p.name: FileEntry(sha256=sha256_file(p), size=p.stat().st_size)
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != MANIFEST_FILE
+    }
+    (directory / MANIFEST_FILE).write_text(Manifest(files=files).model_dump_json(indent=2))
+
+
 def write_export(
     out_dir: Path,
     *,
@@ -116,12 +126,7 @@ def write_export(
         for src in copy_files:
             shutil.copy2(src, staging / src.name)
         (staging / ROUTING_TABLE_FILE).write_text(routing_table.model_dump_json(indent=2))
-        files = {
-            p.name: FileEntry(sha256=sha256_file(p), size=p.stat().st_size)
-            for p in sorted(staging.iterdir())
-            if p.is_file()
-        }
-        (staging / MANIFEST_FILE).write_text(Manifest(files=files).model_dump_json(indent=2))
+        write_manifest(staging)
     return out_dir
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from badit_serve.adapter import check_base, load_adapter
 from badit_serve.export_io import ExportError, LoadedExport, load_export
 from badit_serve.format import BaditBlock
 from badit_serve.routing import routed_delta, router_logits, routing_weights
@@ -63,6 +64,23 @@ def _load_base_weights(model: nn.Module, bundle: LoadedExport) -> None:
         model.tie_weights()
 
 
+def install_routed_layers(
+    model: nn.Module, block: BaditBlock, experts: dict[str, dict[str, torch.Tensor]], source: Path
+) -> nn.Module:
+    """Replace every adapted nn.Linear of `model` by a `RoutedLinear` with its experts (module -> tensors)."""
+    for module_name in block.adapted_modules:
+        try:
+            base = model.get_submodule(module_name)
+        except AttributeError as exc:
+            raise ExportError(f"{source}: adapted module {module_name!r} not found in the model") from exc
+        if not isinstance(base, nn.Linear):
+            raise ExportError(f"{source}: adapted module {module_name!r} is not an nn.Linear")
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, RoutedLinear(base, block, experts[module_name]))
+    model.badit_block = block
+    return model.eval()
+
+
 def load_reference_model(
     export_dir: str | Path, dtype: torch.dtype = torch.float32, verify_checksums: bool = True
 ) -> nn.Module:
@@ -71,21 +89,18 @@ def load_reference_model(
     config = AutoConfig.from_pretrained(bundle.path)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _load_base_weights(model, bundle)
-    for module_name in bundle.block.adapted_modules:
-        try:
-            base = model.get_submodule(module_name)
-        except AttributeError as exc:
-            raise ExportError(
-                f"{bundle.path}: adapted module {module_name!r} not found in the model"
-            ) from exc
-        if not isinstance(base, nn.Linear):
-            raise ExportError(f"{bundle.path}: adapted module {module_name!r} is not an nn.Linear")
-        parent_name, _, child = module_name.rpartition(".")
-        setattr(
-            model.get_submodule(parent_name),
-            child,
-            RoutedLinear(base, bundle.block, bundle.expert_tensors(module_name)),
-        )
-    model.badit_block = bundle.block
+    experts = {m: bundle.expert_tensors(m) for m in bundle.block.adapted_modules}
     model.badit_routing_table = bundle.routing_table
-    return model.eval()
+    return install_routed_layers(model, bundle.block, experts, bundle.path)
+
+
+def load_reference_adapter(
+    base_dir: str | Path, adapter_dir: str | Path, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """A base model directory plus an adapter directory (`badit_serve.adapter`) as one routed model;
+    refused when the adapter was trained on another base."""
+    adapter = load_adapter(adapter_dir)
+    check_base(adapter, Path(base_dir))
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    model.badit_routing_table = adapter.routing_table
+    return install_routed_layers(model, adapter.block, adapter.experts, adapter.path)

@@ -14,7 +14,7 @@ from training.adapters import (
     regroup,
     trainable_parameters,
 )
-from training.export import export_model, measure_task_shares
+from training.export import export_adapter, export_model, measure_task_shares
 
 LABEL_TASKS = {
     "task001_alpha": [[5, 6, 7, 8, 9, 10]],
@@ -24,14 +24,14 @@ LABEL_TASKS = {
 
 def trained_model(model_dir: Path, method: str = "badit", steps: int = 3, seed: int = 0) -> torch.nn.Module:
     """Adapt the tiny model at `model_dir`, train a few steps (so experts and routers are non-trivial) and
-    regroup once; returned in eval mode."""
+    regroup once; returned in eval mode. `seed` also picks the training data."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     apply_adapters(model, AdapterConfig(method=method, rank=4, dropout=0.0), seed=seed)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
     model.train()
     for step in range(steps):
-        ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(step))
+        ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(step + 1000 * seed))
         model(input_ids=ids, labels=ids).loss.backward()
         accumulate_dog_signal(model)
         optimizer.step()
@@ -52,3 +52,10 @@ def make_export(
     model = trained_model(model_dir, method, steps, seed)
     shares = measure_task_shares(model, LABEL_TASKS) if labelled else None
     return export_model(model, model_dir, out_dir, task_shares=shares)
+
+
+def make_adapter(
+    model_dir: Path, out_dir: Path, method: str = "badit", steps: int = 3, seed: int = 0
+) -> Path:
+    """`trained_model` written as an adapter-only directory over the base `model_dir`."""
+    return export_adapter(trained_model(model_dir, method, steps, seed), model_dir, out_dir)

@@ -10,7 +10,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from badit_serve.export_io import export_directory, write_export
+from badit_serve.adapter import (
+    AdapterInfo,
+    base_dir_fingerprint,
+    check_shareable,
+    read_base_tensors,
+    write_adapter,
+)
+from badit_serve.export_io import ExportError, export_directory, write_export
 from badit_serve.format import (
     EXPERT_MARK,
     BaditBlock,
@@ -207,6 +214,39 @@ def export_model(
         copy_files=copy_files,
         force=force,
     )
+
+
+def export_adapter(
+    model: nn.Module,
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    dog_history: list[dict] | None = None,
+    task_shares: dict[str, dict[str, list[float]]] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write only the experts, routers and routing table of `model` (see `badit_serve.adapter`), with the
+    fingerprint of the base in `model_dir`. Refused when a residual differs from the base weight."""
+    block = badit_block(model)
+    check_shareable(block)
+    base = read_base_tensors(Path(model_dir), [f"{m}.weight" for m in block.adapted_modules])
+    tensors = export_tensors(model)
+    for module in block.adapted_modules:
+        if not torch.equal(tensors[f"{module}.weight"].float(), base[f"{module}.weight"].float()):
+            raise ExportError(
+                f"{module}: the trained residual weight differs from the base weight in {model_dir}, "
+                "so the adapter cannot share that base (use a full export)"
+            )
+    experts = {}
+    for module in block.adapted_modules:
+        prefix = expert_prefix(module)
+        experts[module] = {
+            k: v for k in ("lora_a", "lora_b", "router") if (v := tensors.get(f"{prefix}.{k}")) is not None
+        }
+    fingerprint = base_dir_fingerprint(Path(model_dir), block.adapted_modules)
+    info = AdapterInfo(block=block, base_fingerprint=fingerprint, base_model=str(model_dir))
+    table = routing_table(model, dog_history, task_shares)
+    return write_adapter(Path(out_dir), info=info, experts=experts, routing_table=table, force=force)
 
 
 def write_plain_model(

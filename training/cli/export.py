@@ -15,7 +15,7 @@ from badit_serve.export_io import ExportError
 from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, restore_training_state
 from training.config import ConfigError, load_config
 from training.data import DataError, encode_eval_prompts, load_tasks
-from training.export import export_dense, export_model, mean_kl, measure_routing
+from training.export import export_adapter, export_dense, export_model, mean_kl, measure_routing
 from training.metrics_log import MetricsLog
 from training.model_store import ModelNotFoundError, resolve_model
 from training.run import build_model
@@ -38,7 +38,12 @@ def _locate(path: Path) -> tuple[RunDir, Path]:
 
 
 def export_run(
-    source: Path, out_dir: Path, force: bool = False, dense: bool = False, probe_size: int = 32
+    source: Path,
+    out_dir: Path,
+    force: bool = False,
+    dense: bool = False,
+    probe_size: int = 32,
+    adapter_only: bool = False,
 ) -> Path:
     """Export a run's checkpoint; with `dense`, also `<out_dir>-dense` and its KL to the routed model."""
     run, checkpoint = _locate(source)
@@ -68,7 +73,8 @@ def export_run(
         )
         measured_shares, mean_weights = measure_routing(model, prompts)
         shares = shares or measured_shares
-    out = export_model(model, model_dir, out_dir, dog_history=history, task_shares=shares, force=force)
+    writer = export_adapter if adapter_only else export_model
+    out = writer(model, model_dir, out_dir, dog_history=history, task_shares=shares, force=force)
     if dense:
         probe = [ids for seqs in prompts.values() for ids in seqs][:probe_size]
         _export_dense(
@@ -106,13 +112,24 @@ def main(argv: list[str] | None = None) -> int:
         help="also write OUT_DIR-dense: a plain base-architecture model with every expert folded "
         "in by its mean routing weight on the evaluation sets (no plugin needed)",
     )
+    parser.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="write only the experts, routers and routing table (+ the base's fingerprint), to serve many "
+        "adapters over one base with `badit-serve BASE --adapter NAME=OUT_DIR`; init bad or lora only",
+    )
     args = parser.parse_args(argv)
+    if args.adapter_only and args.dense:
+        parser.error("--dense and --adapter-only exclude each other")
     invalid = (ExportError, ConfigError, ModelNotFoundError, FileNotFoundError, DataError, CheckpointError)
     return run_cli("badit-export", lambda: _export(args), invalid=invalid)
 
 
 def _export(args: argparse.Namespace) -> None:
-    print(export_run(args.source, args.out_dir, force=args.force, dense=args.dense))
+    out = export_run(
+        args.source, args.out_dir, force=args.force, dense=args.dense, adapter_only=args.adapter_only
+    )
+    print(out)
 
 
 if __name__ == "__main__":
