@@ -61,6 +61,10 @@ FINGERPRINT_CONFIG_KEYS = (
     "num_key_value_heads",
     "head_dim",
 )
+SLOTS_CONFIG_KEY = "badit_slots"
+"""The hf_config key (set by badit-serve through --hf-overrides) that selects multi-adapter mode."""
+LORA_TARGET = "gate_up_proj"
+"""The vLLM module that carries an adapted layer's slots (adapters' gate_proj tensors pack into it)."""
 _STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
@@ -136,12 +140,14 @@ def check_shareable(block: BaditBlock) -> None:
 
 
 def _peft_config(block: BaditBlock, base_model: str) -> dict:
+    """PEFT's view of the experts: lora_alpha / r = scaling * gate_scale, which vLLM folds into lora_B
+    (routed math is linear in both)."""
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": block.rank,
-        "lora_alpha": block.rank,
+        "lora_alpha": block.rank * block.scaling * block.gate_scale,
         "target_modules": list(block.target_modules),
         "bias": "none",
         "lora_dropout": 0.0,
@@ -262,3 +268,42 @@ def adapter_from_export(export: LoadedExport, base_model: str = "") -> tuple[Ada
         block=export.block, base_fingerprint=base_fingerprint(export.config, adapted), base_model=base_model
     )
     return info, {m: export.expert_tensors(m) for m in export.block.adapted_modules}
+
+
+class SlotGeometry(BaseModel):
+    """What every adapter served side by side over one base must share (static shapes), and the number of
+    adapter slots. Passed to the vLLM model classes as the `badit_slots` config key (`--hf-overrides`)."""
+
+    model_config = _STRICT
+
+    num_experts: int = Field(ge=1)
+    rank: int = Field(ge=1)
+    top_k: int = Field(ge=1)
+    router: str
+    target_modules: list[str]
+    adapted_modules: list[str]
+    max_adapters: int = Field(ge=1)
+    """Adapter slots in the engine (vLLM's --max-loras)."""
+
+    @classmethod
+    def of(cls, block: BaditBlock, max_adapters: int) -> SlotGeometry:
+        return cls(
+            num_experts=block.num_experts,
+            rank=block.rank,
+            top_k=block.top_k,
+            router=block.router,
+            target_modules=list(block.target_modules),
+            adapted_modules=list(block.adapted_modules),
+            max_adapters=max_adapters,
+        )
+
+    def check_fits(self, adapter: LoadedAdapter) -> None:
+        """Raise ExportError naming the first field where `adapter` differs from this geometry."""
+        mine = self.model_dump(exclude={"max_adapters"})
+        theirs = SlotGeometry.of(adapter.block, self.max_adapters).model_dump(exclude={"max_adapters"})
+        for key, value in mine.items():
+            if theirs[key] != value:
+                raise ExportError(
+                    f"{adapter.path}: badit.{key}={theirs[key]!r} does not match the served adapters' "
+                    f"{value!r} (adapters served together need the same shapes)"
+                )

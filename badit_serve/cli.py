@@ -33,6 +33,7 @@ from pathlib import Path
 
 from badit_serve.exit_codes import EXIT_USAGE
 from badit_serve.export_io import ExportError, load_export
+from badit_serve.multi_adapter import AdapterSpec, validate_adapter_set, vllm_adapter_args
 from badit_serve.vllm_models.mlp import check_servable
 
 WORKER_EXTENSION = "badit_serve.worker_extension.BaditWorkerExtension"
@@ -51,7 +52,26 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
         epilog="Any other option is passed to vLLM's server (see vLLM's `serve` options), e.g. "
         "--tensor-parallel-size 2, --enforce-eager, --no-enable-prefix-caching.",
     )
-    parser.add_argument("export_dir", type=Path, help="a Badit export directory (badit-export)")
+    parser.add_argument(
+        "export_dir",
+        type=Path,
+        help="a Badit export directory (badit-export), or with --adapter the plain base model directory",
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="serve this adapter-only export (badit-export --adapter-only) as model NAME over the base "
+        "EXPORT_DIR; repeat for more adapters (requests choose one with their `model` field)",
+    )
+    parser.add_argument(
+        "--max-adapters",
+        type=int,
+        default=None,
+        help="adapter slots in the engine (default: the number of --adapter); each slot costs one "
+        "adapter's expert compute per token",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
@@ -97,6 +117,20 @@ def vllm_argv(opts: argparse.Namespace, passthrough: list[str], on_cpu: bool) ->
     return argv + passthrough
 
 
+def validate_model_dirs(opts: argparse.Namespace) -> list[str]:
+    """Validate the export (or the base and every --adapter); returns the extra vLLM options they need."""
+    verify = not opts.no_verify_checksums
+    if opts.adapter or opts.max_adapters is not None:
+        if not opts.adapter:
+            raise ExportError("--max-adapters needs at least one --adapter NAME=DIR")
+        specs = [AdapterSpec.parse(text) for text in opts.adapter]
+        adapter_set = validate_adapter_set(opts.export_dir, specs, opts.max_adapters, verify)
+        return vllm_adapter_args(adapter_set)
+    bundle = load_export(opts.export_dir, verify_checksums=verify)
+    check_servable(bundle.block)
+    return []  # the engine reads the weights itself
+
+
 def prepare_environment(env: os._Environ[str] | dict[str, str]) -> Path:
     """Fresh prometheus multiprocess directory and the plugin allowlist; returns the directory."""
     parent = env.get("PROMETHEUS_MULTIPROC_DIR") or None
@@ -124,12 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         print("badit-serve: --worker-extension-cls is set by badit-serve itself", file=sys.stderr)
         return EXIT_USAGE
     try:
-        bundle = load_export(opts.export_dir, verify_checksums=not opts.no_verify_checksums)
-        check_servable(bundle.block)
+        extra = validate_model_dirs(opts)
     except (ExportError, ValueError) as exc:
         print(f"badit-serve: invalid export: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    del bundle  # the engine reads the weights itself
 
     metrics_dir = prepare_environment(os.environ)  # before vLLM / prometheus_client are imported
     atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
@@ -149,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     cli_env_setup()
     register()
     parser = make_arg_parser(FlexibleArgumentParser(prog="badit-serve"))
-    args = parser.parse_args(vllm_argv(opts, passthrough, on_cpu))
+    args = parser.parse_args(vllm_argv(opts, [*extra, *passthrough], on_cpu))
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
     ServeSubcommand.cmd(args)

@@ -17,6 +17,8 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 
+from badit_serve.adapter import SLOTS_CONFIG_KEY
+from badit_serve.adapter_endpoint import AdapterServingState, attach_adapter_routes, init_adapter_state
 from badit_serve.expert_metrics import layer_label
 from badit_serve.export_io import read_block
 from badit_serve.format import ROUTING_TABLE_FILE, BaditBlock, RoutingTable
@@ -74,8 +76,16 @@ def build_response(state: BaditServingState, stats: dict[str, Any]) -> ExpertsRe
     )
 
 
-async def get_experts(request: Request) -> ExpertsResponse:
+async def get_experts(request: Request, adapter: str | None = None) -> ExpertsResponse:
+    """The routing table and live counts of the served export, or of one adapter (?adapter=NAME)."""
+    served = getattr(request.app.state, "badit_adapters", None)
     state: BaditServingState | None = getattr(request.app.state, "badit", None)
+    if served is not None:
+        state = adapter_serving_state(served, adapter)
+    elif adapter is not None:
+        raise HTTPException(
+            status_code=400, detail="?adapter= needs a multi-adapter server (badit-serve BASE --adapter ...)"
+        )
     if state is None or not state.counting:
         raise HTTPException(
             status_code=503,
@@ -85,7 +95,22 @@ async def get_experts(request: Request) -> ExpertsResponse:
     stats = next((r for r in results if r and r.get("report")), None)
     if stats is None:
         raise HTTPException(status_code=503, detail="no worker reported expert statistics")
+    if served is not None:
+        stats = {"started_at": stats["started_at"], "layers": stats["adapters"].get(state.model_name, [])}
     return build_response(state, stats)
+
+
+def adapter_serving_state(served: AdapterServingState, adapter: str | None) -> BaditServingState:
+    """One adapter of a multi-adapter server seen as a single served export."""
+    if adapter is None or adapter not in served.adapters:
+        raise HTTPException(
+            status_code=404 if adapter else 400,
+            detail=f"?adapter= must name a loaded adapter: {sorted(served.adapters)}",
+        )
+    loaded = served.adapters[adapter]
+    return BaditServingState(
+        served.engine_client, adapter, loaded.block, loaded.routing_table, served.counting
+    )
 
 
 class BaditEndpointPlugin:
@@ -97,10 +122,14 @@ class BaditEndpointPlugin:
     def attach_router(self, app: FastAPI) -> None:
         router = APIRouter()
         router.add_api_route(EXPERTS_PATH, get_experts, methods=["GET"], response_model=ExpertsResponse)
+        attach_adapter_routes(router)
         app.include_router(router)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is None:
+            return
+        if getattr(engine_client.model_config.hf_config, SLOTS_CONFIG_KEY, None) is not None:
+            await init_adapter_state(engine_client, state, args)
             return
         model_dir = Path(engine_client.model_config.model)
         _, block = read_block(model_dir)

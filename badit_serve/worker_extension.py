@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from badit_serve.adapter_metrics import AdapterStatsCollector
 from badit_serve.expert_metrics import ExpertStatsCollector
 from badit_serve.format import ROUTING_TABLE_FILE
 
@@ -28,11 +29,16 @@ class BaditWorkerExtension:
     """Mixed into vLLM's Worker: `self` is the worker (model_runner, vllm_config, ...)."""
 
     _badit_collector: ExpertStatsCollector | None = None
+    _badit_adapter_collector: AdapterStatsCollector | None = None
+
+    def _badit_report(self) -> bool:
+        """Routing is replicated across tensor-parallel ranks: only rank 0 reports, or counts multiply."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank() == 0
 
     def _badit_get_collector(self) -> ExpertStatsCollector:
         if self._badit_collector is None:
-            from vllm.distributed import get_tensor_model_parallel_rank
-
             from badit_serve.vllm_models.mlp import BaditMLP
 
             model = self.model_runner.get_model()  # type: ignore[attr-defined]
@@ -42,19 +48,39 @@ class BaditWorkerExtension:
                 if isinstance(module, BaditMLP)
             }
             labels = _expert_labels(self.vllm_config.model_config.model)  # type: ignore[attr-defined]
-            # Routing is replicated across tensor-parallel ranks: only rank 0 reports, or counts multiply.
-            report = get_tensor_model_parallel_rank() == 0
-            self._badit_collector = ExpertStatsCollector(mlps, labels, report=report)
+            self._badit_collector = ExpertStatsCollector(mlps, labels, report=self._badit_report())
         return self._badit_collector
+
+    def _badit_adapters(self) -> AdapterStatsCollector | None:
+        """The per-adapter collector in multi-adapter mode (None when serving one export)."""
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        if getattr(model, "badit_slots", None) is None:
+            return None
+        if self._badit_adapter_collector is None:
+            manager = self.model_runner.lora_manager._adapter_manager  # type: ignore[attr-defined]
+            self._badit_adapter_collector = AdapterStatsCollector(
+                dict(model.badit_slot_layers), lambda: manager.lora_index_to_id, report=self._badit_report()
+            )
+        return self._badit_adapter_collector
 
     def badit_start_counting(self, interval: float = 1.0) -> dict[str, Any]:
         """Zero the routing statistics (dropping profiling and warm-up) and start the flush thread."""
-        collector = self._badit_get_collector()
+        collector = self._badit_adapters() or self._badit_get_collector()
         collector.start(interval)
-        return {"layers": len(collector.mlps), "report": collector.report, "started_at": collector.started_at}
+        layers = collector.layers if isinstance(collector, AdapterStatsCollector) else collector.mlps
+        return {"layers": len(layers), "report": collector.report, "started_at": collector.started_at}
 
     def badit_expert_stats(self) -> dict[str, Any]:
-        """Flush to the counters now and return the totals since counting started."""
+        """Flush to the counters now and return the totals since counting started (per adapter in
+        multi-adapter mode: {"adapters": {name: [layer totals]}})."""
+        adapters = self._badit_adapters()
+        if adapters is not None:
+            totals = adapters.flush()
+            return {
+                "report": adapters.report,
+                "started_at": adapters.started_at,
+                "adapters": {name: [asdict(t) for t in per.values()] for name, per in totals.items()},
+            }
         collector = self._badit_get_collector()
         layers = collector.flush()
         return {
@@ -62,3 +88,11 @@ class BaditWorkerExtension:
             "started_at": collector.started_at,
             "layers": [asdict(layer) for layer in layers],
         }
+
+    def badit_adapter_names(self, names: dict[int, str], labels: dict[str, dict[str, str]]) -> None:
+        """lora id -> adapter name and adapter -> expert ability labels, from the API server (multi-adapter
+        mode): the counters' `adapter` and `label` labels."""
+        collector = self._badit_adapters()
+        if collector is not None:
+            collector.names.update({int(k): v for k, v in names.items()})
+            collector.labels.update(labels)

@@ -40,7 +40,9 @@ def test_adapter_over_base_matches_full_export(
     torch.testing.assert_close(load_reference_adapter(base, adapter)(ids).logits, expected, atol=0, rtol=0)
     assert _dir_bytes(adapter) < _dir_bytes(full) / 4
     peft = json.loads((adapter / "adapter_config.json").read_text())
-    assert peft["target_modules"] == ["gate_proj"] and peft["r"] == peft["lora_alpha"]
+    block = load_adapter(adapter).block
+    assert peft["target_modules"] == ["gate_proj"] and peft["r"] == block.rank
+    assert peft["lora_alpha"] / peft["r"] == pytest.approx(block.scaling * block.gate_scale)
 
 
 @pytest.mark.parametrize("method", ["pissa"])
@@ -94,3 +96,33 @@ def test_refused_info_names_the_file(adapter_dir: Path, tmp_path: Path) -> None:
     write_manifest(bad)
     with pytest.raises(ExportError, match=ADAPTER_INFO_FILE):
         load_adapter(bad)
+
+
+def test_serve_cli_validates_adapters_before_starting(
+    adapter_dir: Path, tiny_model_dirs: dict[str, Path], default_model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    from badit_serve.cli import main
+
+    other = build_tiny_model("llama", default_model_dir, tmp_path / "other", seed=1)
+    assert main([str(other), "--adapter", f"a={adapter_dir}"]) == 2
+    assert "trained on a different base model" in capsys.readouterr().err
+    assert main([str(tiny_model_dirs["llama"]), "--adapter", f"a={adapter_dir}", "--max-adapters", "0"]) == 2
+    assert main([str(tiny_model_dirs["llama"]), "--adapter", "no-equals-sign"]) == 2
+    assert "expected NAME=DIR" in capsys.readouterr().err
+
+
+def test_serve_options_of_multi_adapter_mode(adapter_dir: Path, tiny_model_dirs: dict[str, Path]) -> None:
+    from badit_serve.multi_adapter import AdapterSpec, validate_adapter_set, vllm_adapter_args
+
+    specs = [AdapterSpec("a", adapter_dir), AdapterSpec("b", adapter_dir)]
+    argv = vllm_adapter_args(validate_adapter_set(tiny_model_dirs["llama"], specs, 4))
+    assert argv[argv.index("--max-loras") + 1] == "4" and "--enable-lora" in argv
+    assert argv[argv.index("--lora-target-modules") + 1] == "gate_up_proj"
+    assert argv[-2:] == [f"a={adapter_dir}", f"b={adapter_dir}"]
+    overrides = json.loads(argv[argv.index("--hf-overrides") + 1])
+    assert (
+        overrides["architectures"] == ["BaditLlamaForCausalLM"]
+        and overrides["badit_slots"]["max_adapters"] == 4
+    )
+    with pytest.raises(ExportError, match="unique"):
+        validate_adapter_set(tiny_model_dirs["llama"], [specs[0], specs[0]], None)

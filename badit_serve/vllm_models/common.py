@@ -12,7 +12,9 @@ from collections.abc import Iterable
 
 import torch
 
+from badit_serve.adapter import SlotGeometry
 from badit_serve.format import BaditBlock
+from badit_serve.vllm_models.adapter_slots import BaditSlotsGateUp, install_slot_layers, read_slot_geometry
 from badit_serve.vllm_models.mlp import (
     BaditMLP,
     check_coverage,
@@ -28,8 +30,15 @@ class BaditCausalLMMixin:
 
     badit_block: BaditBlock
     badit_mlps: dict[str, BaditMLP]
+    badit_slots: SlotGeometry | None = None
+    badit_slot_layers: dict[str, BaditSlotsGateUp]
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:  # vllm_config: vllm.config.VllmConfig
+        geometry = read_slot_geometry(vllm_config.model_config.hf_config)
+        if geometry is not None:  # a plain base with adapter slots (badit-serve BASE --adapter ...)
+            super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
+            self.badit_slots, self.badit_slot_layers = geometry, {}
+            return
         block = read_badit_block(vllm_config.model_config.hf_config)  # fail before building anything
         super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         self.badit_block = block
@@ -43,7 +52,13 @@ class BaditCausalLMMixin:
         return is_pp_missing_parameter(name, self)  # type: ignore[arg-type]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Expert tensors (`*.badit_*`) into the BaditMLPs, everything else through the vLLM loader."""
+        """Expert tensors (`*.badit_*`) into the BaditMLPs, everything else through the vLLM loader. With
+        adapter slots: the base weights, then each adapted gate_up_proj wrapped (adapters come later,
+        through vLLM's LoRA manager)."""
+        if self.badit_slots is not None:
+            loaded_base = super().load_weights(weights)  # type: ignore[misc]
+            self.badit_slot_layers = install_slot_layers(self, self.badit_slots)  # type: ignore[arg-type]
+            return set(loaded_base)
         params = dict(self.named_parameters())  # type: ignore[attr-defined]
         loaded: set[str] = set()
         base = split_expert_weights(weights, params, self._badit_is_missing, loaded)

@@ -24,20 +24,26 @@ import torch
 OP_NAME = "badit_record_routing"
 
 
+def real_token_mask(tokens: int) -> torch.Tensor | None:
+    """(T,) bool, False on the padding rows of this forward pass; None without a forward context or mask."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    is_padding = get_forward_context().is_padding
+    if is_padding is None or is_padding.shape[0] != tokens:
+        return None
+    return ~is_padding  # (T,)
+
+
 def _record_routing(
     selected: torch.Tensor, weights: torch.Tensor, expert_tokens: torch.Tensor, weight_sums: torch.Tensor
 ) -> None:
     """selected: (T, K) bool; weights: (T, K) float; expert_tokens: (K,) int64; weight_sums: (K,) float64."""
-    from vllm.forward_context import get_forward_context, is_forward_context_available
-
-    real = None
-    if is_forward_context_available():
-        is_padding = get_forward_context().is_padding
-        if is_padding is not None and is_padding.shape[0] == selected.shape[0]:
-            real = (~is_padding).unsqueeze(-1)  # (T, 1)
+    real = real_token_mask(selected.shape[0])
     if real is not None:
-        selected = selected & real  # (T, K)
-        weights = weights * real  # (T, K)
+        selected = selected & real.unsqueeze(-1)  # (T, K)
+        weights = weights * real.unsqueeze(-1)  # (T, K)
     expert_tokens.add_(selected.sum(dim=0, dtype=torch.int64))  # (K,)
     weight_sums.add_(weights.sum(dim=0, dtype=torch.float64))  # (K,)
 

@@ -1,0 +1,282 @@
+"""badit-serve BASE --adapter NAME=DIR ...: many adapters over one tiny llama base in one server.
+
+One server (a subprocess) with two adapters trained on different data, three slots. Greedy outputs of a
+mixed concurrent load equal each adapter served one request at a time and the reference loader (float32);
+adapters load, unload and reload at runtime under load with no failed request for the others; bad
+adapters are refused with a 4xx naming the reason; per-adapter counters grow by exactly top_k per routed
+token.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from badit_serve.adapter import ADAPTER_WEIGHTS_FILE
+from badit_serve.reference import load_reference_adapter
+from tests.badit_exports import make_adapter
+from tests.test_serve import _free_port, _stop
+from tests.tiny_models import build_tiny_model
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "sk-badit-multi"
+BASE = "tiny-base"
+PROMPTS = [[1, 5, 9, 200, 33], [1, 77, 78], [1, 4000, 12, 901, 17, 17, 3500, 42], [1, 31999, 7]]
+MAX_TOKENS = 8
+TOP_K = 4
+STARTUP_TIMEOUT_S = 300
+
+
+@dataclass
+class MultiServer:
+    url: str
+    log: Path
+    dirs: dict[str, Path]
+    """adapter name -> directory (a1, a2 served from the start; a3 loaded at runtime; bad_* refused)."""
+    expected: dict[str, list[list[int]]] = field(default_factory=dict)
+    """model name -> reference greedy tokens of each prompt."""
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {API_KEY}"}
+
+    def complete(self, model: str, prompt: list[int]) -> httpx.Response:
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        }
+        return httpx.post(f"{self.url}/v1/completions", json=body, headers=self.headers(), timeout=120)
+
+    def tokens(self, model: str, prompt: list[int]) -> list[int]:
+        response = self.complete(model, prompt)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["token_ids"]
+
+
+@torch.no_grad()
+def _greedy(model: torch.nn.Module, prompt: list[int]) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def _adapters(base: Path, root: Path, default_model_dir: Path) -> dict[str, Path]:
+    dirs = {f"a{i}": make_adapter(base, root / f"a{i}", seed=i) for i in (1, 2, 3)}
+    other_base = build_tiny_model("llama", default_model_dir, root / "other_base", seed=5)
+    dirs["bad_base"] = make_adapter(other_base, root / "bad_base", seed=1)
+    dirs["bad_shapes"] = make_adapter(base, root / "bad_shapes", method="loramoe", seed=1)
+    corrupted = Path(shutil.copytree(dirs["a3"], root / "bad_checksum"))
+    raw = bytearray((corrupted / ADAPTER_WEIGHTS_FILE).read_bytes())
+    raw[-1] ^= 0xFF
+    (corrupted / ADAPTER_WEIGHTS_FILE).write_bytes(bytes(raw))
+    dirs["bad_checksum"] = corrupted
+    return dirs
+
+
+def _wait_healthy(proc: subprocess.Popen, handle: MultiServer) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"badit-serve exited with {proc.returncode}:\n{handle.log.read_text()[-6000:]}")
+        try:
+            if httpx.get(f"{handle.url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"badit-serve not healthy after {STARTUP_TIMEOUT_S}s:\n{handle.log.read_text()[-6000:]}"
+            )
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def server(
+    tiny_model_dirs: dict[str, Path], default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MultiServer]:
+    root = tmp_path_factory.mktemp("multi")
+    base = tiny_model_dirs["llama"]
+    dirs = _adapters(base, root, default_model_dir)
+    port = _free_port()
+    command = [
+        str(Path(sys.executable).with_name("badit-serve")),
+        str(base),
+        "--adapter",
+        f"a1={dirs['a1']}",
+        "--adapter",
+        f"a2={dirs['a2']}",
+        "--max-adapters",
+        "3",
+        "--port",
+        str(port),
+        "--api-key",
+        API_KEY,
+        "--served-model-name",
+        BASE,
+        "--max-model-len",
+        "512",
+        "--no-enable-prefix-caching",
+    ]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    log = root / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    handle = MultiServer(f"http://127.0.0.1:{port}", log, dirs)
+    try:
+        plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+        handle.expected[BASE] = [_greedy(plain, p) for p in PROMPTS]
+        for name in ("a1", "a2", "a3"):
+            reference = load_reference_adapter(base, dirs[name])
+            handle.expected[name] = [_greedy(reference, p) for p in PROMPTS]
+        _wait_healthy(proc, handle)
+        yield handle
+    finally:
+        _stop(proc)
+
+
+def test_models_lists_adapters_with_the_base_as_parent(server: MultiServer) -> None:
+    data = httpx.get(f"{server.url}/v1/models", headers=server.headers(), timeout=10).json()["data"]
+    parents = {card["id"]: card["parent"] for card in data}
+    assert parents == {BASE: None, "a1": BASE, "a2": BASE}
+
+
+def test_adapters_differ_from_each_other_and_from_the_base(server: MultiServer) -> None:
+    assert server.expected["a1"] != server.expected["a2"] != server.expected[BASE]
+
+
+def test_mixed_concurrent_load_matches_alone_and_reference(server: MultiServer) -> None:
+    jobs = [(model, i) for _ in range(2) for model in ("a1", "a2", BASE) for i in range(len(PROMPTS))]
+    alone = {(model, i): server.tokens(model, PROMPTS[i]) for model, i in set(jobs)}
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        mixed = list(pool.map(lambda job: server.tokens(job[0], PROMPTS[job[1]]), jobs))
+    for (model, i), tokens in zip(jobs, mixed, strict=True):
+        assert tokens == alone[(model, i)] == server.expected[model][i], (model, i)
+
+
+def _adapter_tokens(server: MultiServer, adapter: str) -> int:
+    """Sum over layers and experts of the adapter's expert selections since counting started."""
+    response = httpx.get(
+        f"{server.url}/v1/badit/experts", params={"adapter": adapter}, headers=server.headers(), timeout=30
+    )
+    assert response.status_code == 200, response.text
+    return sum(e["tokens"] for layer in response.json()["layers"] for e in layer["experts"])
+
+
+def _metric_tokens(server: MultiServer, adapter: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "badit_expert_tokens_total" and s.labels.get("adapter") == adapter
+    )
+
+
+def test_per_adapter_counters_grow_by_top_k_per_routed_token(server: MultiServer) -> None:
+    layers = 2
+    before = {a: (_adapter_tokens(server, a), _metric_tokens(server, a)) for a in ("a1", "a2")}
+    jobs = [("a1", 0), ("a2", 2), ("a1", 1), (BASE, 3), ("a2", 1)]
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        list(pool.map(lambda job: server.tokens(job[0], PROMPTS[job[1]]), jobs))
+    time.sleep(2.5)  # the worker flushes its counters every second
+    for adapter in ("a1", "a2"):
+        routed = sum(
+            len(PROMPTS[i]) + MAX_TOKENS - 1 for a, i in jobs if a == adapter
+        )  # last token never fed
+        expected = TOP_K * routed * layers
+        assert _adapter_tokens(server, adapter) - before[adapter][0] == expected, adapter
+        assert _metric_tokens(server, adapter) - before[adapter][1] == expected, adapter
+
+
+def _post(server: MultiServer, name: str, path: Path) -> httpx.Response:
+    body = {"name": name, "path": str(path)}
+    return httpx.post(f"{server.url}/v1/badit/adapters", json=body, headers=server.headers(), timeout=120)
+
+
+class _Load:
+    """Requests for a1 and a2 in a loop on two threads; every answer checked against the reference."""
+
+    def __init__(self, server: MultiServer) -> None:
+        self.server, self.stop, self.failures, self.done = server, threading.Event(), [], 0
+        self.threads = [threading.Thread(target=self._run, args=(a,)) for a in ("a1", "a2")]
+
+    def _run(self, adapter: str) -> None:
+        i = 0
+        while not self.stop.is_set():
+            prompt = i % len(PROMPTS)
+            response = self.server.complete(adapter, PROMPTS[prompt])
+            if (
+                response.status_code != 200
+                or response.json()["choices"][0]["token_ids"] != self.server.expected[adapter][prompt]
+            ):
+                self.failures.append((adapter, response.status_code, response.text[:300]))
+            self.done += 1
+            i += 1
+
+    def __enter__(self) -> _Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=120)
+
+
+def test_hot_load_unload_reload_and_refusals_under_load(server: MultiServer) -> None:
+    with _Load(server) as load:
+        for bad, reason in (
+            ("bad_base", "trained on a different base model"),
+            ("bad_checksum", "sha256 mismatch"),
+            ("bad_shapes", "does not match the served adapters"),
+        ):
+            response = _post(server, bad, server.dirs[bad])
+            assert response.status_code == 422 and reason in response.text, response.text
+        assert _post(server, "a1", server.dirs["a3"]).status_code == 409  # the name is taken
+        for _ in range(2):  # load, use, unload, then again
+            assert _post(server, "a3", server.dirs["a3"]).status_code == 200
+            assert [server.tokens("a3", p) for p in PROMPTS] == server.expected["a3"]
+            response = httpx.delete(
+                f"{server.url}/v1/badit/adapters/a3", headers=server.headers(), timeout=60
+            )
+            assert response.status_code == 200, response.text
+            assert server.complete("a3", PROMPTS[0]).status_code == 404
+        time.sleep(1)
+    assert load.done > 0 and load.failures == []
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+    names = [
+        a["name"]
+        for a in httpx.get(f"{server.url}/v1/badit/adapters", headers=server.headers()).json()["adapters"]
+    ]
+    assert names == ["a1", "a2"]
+
+
+def test_adapter_routes_need_the_api_key(server: MultiServer) -> None:
+    assert (
+        httpx.post(f"{server.url}/v1/badit/adapters", json={"name": "x", "path": "/nope"}).status_code == 401
+    )
+    assert httpx.delete(f"{server.url}/v1/badit/adapters/a1").status_code == 401
