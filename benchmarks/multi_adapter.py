@@ -1,0 +1,180 @@
+"""Many adapters over one base: throughput of a mixed load with 1, 4 and 8 adapters, and adapter size.
+
+    flock /work/notes/engine.lock nice -n 0 .venv/bin/python benchmarks/multi_adapter.py \
+        [--base DIR] [--adapters N] [--prompts 32] [--max-tokens 64] [--out PATH]
+
+Builds N adapter-only exports over the base (default: the prepared default model) from differently
+seeded BAD initialisations (synthetic: throughput does not depend on the expert values; the math runs in
+full either way) and one full export of the first, then runs, each in its own offline vLLM engine (one
+after another, same prompts, greedy, ignore_eos):
+
+    full export                       today's single-export server (vLLM's compiled mode)
+    multi, 1 slot, 1 adapter          badit-serve BASE --adapter a0 (LoRA machinery: eager on CPU)
+    multi, 4 slots, 4 adapters mixed  requests spread round-robin over the adapters
+    multi, 8 slots, 8 adapters mixed
+
+Prints a table (tok/s, ratio to the 1-adapter multi engine and to the full export) and the adapter
+directory's size next to the full export's; writes JSON with the machine and load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "multi_adapter.json"
+WORKER = Path(__file__).resolve()
+
+
+def _build(base: Path, root: Path, count: int) -> tuple[Path, list[Path]]:
+    """(full export of adapter 0, adapter dirs) over `base`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from training.adapters import AdapterConfig, apply_adapters
+    from training.export import export_adapter, export_model
+
+    adapters, full = [], root / "full"
+    for i in range(count):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        apply_adapters(model, AdapterConfig(method="badit"), seed=i)
+        adapters.append(export_adapter(model.eval(), base, root / f"a{i}"))
+        if i == 0:
+            export_model(model, base, full)
+        del model
+    return full, adapters
+
+
+def _dir_mib(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) / 2**20
+
+
+def _prompts(base: Path, count: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    topics = ["a haiku about rivers", "why the sky is blue", "three uses of copper", "a short story opening"]
+    chats = [[{"role": "user", "content": f"Write {topics[i % len(topics)]} (#{i})."}] for i in range(count)]
+    return [tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in chats]
+
+
+def run_engine(spec: dict) -> dict:
+    """In a fresh process: one offline engine, the prompts, tokens generated per second."""
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from badit_serve.plugin import register
+
+    register()
+    llm = LLM(model=spec["model"], dtype="float32", max_model_len=1024, seed=0, **spec["engine"])
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+    names = spec["adapters"]
+    loras = [LoRARequest(f"a{i}", i + 1, path) for i, path in enumerate(names)]
+    requests = [{"prompt_token_ids": ids} for ids in spec["prompts"]]
+    lora_requests = [loras[i % len(loras)] for i in range(len(requests))] if loras else None
+    llm.generate(requests[:2], params, lora_request=lora_requests[:2] if loras else None, use_tqdm=False)
+    start = time.perf_counter()
+    outputs = llm.generate(requests, params, lora_request=lora_requests, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds}
+
+
+def _engine_spec(base: Path, adapters: list[Path], slots: int) -> dict:
+    from badit_serve.multi_adapter import AdapterSpec, validate_adapter_set, vllm_engine_kwargs
+
+    specs = [AdapterSpec(f"a{i}", p) for i, p in enumerate(adapters)]
+    return {"model": str(base), "engine": vllm_engine_kwargs(validate_adapter_set(base, specs, slots))}
+
+
+def _run(spec: dict, tmp: Path) -> dict:
+    request, result = tmp / "spec.json", tmp / "result.json"
+    request.write_text(json.dumps(spec))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "--worker", str(request), str(result)],
+        cwd=tmp,
+        env=env,
+        timeout=1800,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-4000:])
+    return json.loads(result.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--base", type=Path, default=None, help="base model dir (default: the prepared default model)"
+    )
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    from training.model_store import resolve_model
+
+    base = args.base or resolve_model("smollm2-135m-instruct")
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="badit-multi-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        full, adapters = _build(base, tmp, args.adapters)
+        prompts = _prompts(base, args.prompts)
+        common = {"prompts": prompts, "max_tokens": args.max_tokens}
+        cases = [("full export", {"model": str(full), "engine": {}}, [])]
+        for n in sorted({1, min(4, args.adapters), args.adapters}):
+            cases.append((f"multi, {n} adapter(s)", _engine_spec(base, adapters[:n], n), adapters[:n]))
+        rows = []
+        for name, spec, used in cases:
+            result = _run({**spec, **common, "adapters": [str(p) for p in used]}, tmp)
+            rows.append({"case": name, "adapters": len(used), **result})
+            print(f"{name:<24} {result['tok_per_s']:8.1f} tok/s", flush=True)
+        sizes = {"adapter_mib": _dir_mib(adapters[0]), "full_export_mib": _dir_mib(full)}
+    one = next(r for r in rows if r["adapters"] == 1)["tok_per_s"]
+    for r in rows:
+        r["vs_one_adapter"] = r["tok_per_s"] / one
+        r["vs_full_export"] = r["tok_per_s"] / rows[0]["tok_per_s"]
+    print(f"{'case':<24} {'tok/s':>8} {'÷ 1 adapter':>12} {'÷ full export':>14}")
+    for r in rows:
+        print(
+            f"{r['case']:<24} {r['tok_per_s']:8.1f} {r['vs_one_adapter']:12.2f} {r['vs_full_export']:14.2f}"
+        )
+    print(f"adapter dir {sizes['adapter_mib']:.1f} MiB vs full export {sizes['full_export_mib']:.1f} MiB")
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+    }
+    report = {
+        "machine": machine,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "base": str(base),
+        "prompts": args.prompts,
+        "max_tokens": args.max_tokens,
+        "dtype": "float32",
+        "rows": rows,
+        "sizes": sizes,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        spec = json.loads(Path(sys.argv[2]).read_text())
+        Path(sys.argv[3]).write_text(json.dumps(run_engine(spec)))
+    else:
+        main()
