@@ -62,7 +62,8 @@ def _prompts(base: Path, count: int) -> list[list[int]]:
     tokenizer = AutoTokenizer.from_pretrained(base)
     topics = ["a haiku about rivers", "why the sky is blue", "three uses of copper", "a short story opening"]
     chats = [[{"role": "user", "content": f"Write {topics[i % len(topics)]} (#{i})."}] for i in range(count)]
-    return [tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in chats]
+    texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
 
 def run_engine(spec: dict) -> dict:
