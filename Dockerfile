@@ -98,7 +98,7 @@ LABEL org.opencontainers.image.title="badit-serve" \
       org.opencontainers.image.description="Badit LoRA-expert exports served by vLLM (OpenAI API + /metrics)" \
       org.opencontainers.image.licenses="Apache-2.0" \
       badit.variant="${VARIANT}"
-# badit-serve sets VLLM_CPU_KVCACHE_SPACE=4 (GiB), --max-model-len 2048 and --dtype float32 (CPU) unless given.
+# badit-serve sets VLLM_CPU_KVCACHE_SPACE=4 (GiB), --max-model-len 2048 and --dtype bfloat16 unless given.
 # BADIT_API_KEY -> --api-key; BADIT_SERVE_ARGS -> extra badit-serve/vLLM options appended to the command.
 
 USER badit

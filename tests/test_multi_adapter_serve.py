@@ -134,6 +134,8 @@ def server(
         "--max-model-len",
         "512",
         "--no-enable-prefix-caching",
+        "--dtype",
+        "float32",  # greedy tokens are compared with the float32 reference
     ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)

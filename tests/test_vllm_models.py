@@ -90,6 +90,7 @@ def test_badit_mlp_matches_reference_routed_linear(router: str, top_k: int, num_
     mlp = BaditMLP(block, _FakeMerged(gate, up), _FakeRow(down), _silu_and_mul, tp_rank=0)
     for name, tensor in experts.items():
         getattr(mlp.badit_gate, name).data.copy_(tensor)
+    mlp.build_served(torch.float32)
     routed_gate = RoutedLinear(gate, block, experts)
     x = torch.randn(7, D_IN)
     with torch.no_grad():
@@ -222,12 +223,25 @@ def test_cli_builds_vllm_arguments_with_defaults() -> None:
     opts, rest = build_parser().parse_known_args(
         ["/x", "--port", "9", "--api-key", "k", "--max_model_len=64", "--enforce-eager"]
     )
-    argv = vllm_argv(opts, rest, on_cpu=True)
+    argv = vllm_argv(opts, rest)
     assert argv[:5] == ["/x", "--host", "127.0.0.1", "--port", "9"]
     assert ["--worker-extension-cls", WORKER_EXTENSION] == argv[5:7]
     assert "--max-model-len" not in argv and argv[-2:] == ["--max_model_len=64", "--enforce-eager"]
-    assert argv[argv.index("--dtype") + 1] == "float32" and argv[argv.index("--api-key") + 1] == "k"
-    assert "--dtype" not in vllm_argv(opts, ["--dtype", "bfloat16"], on_cpu=True)[:-2]
+    assert argv[argv.index("--dtype") + 1] == "bfloat16" and argv[argv.index("--api-key") + 1] == "k"
+    assert "--dtype" not in vllm_argv(opts, ["--dtype", "float32"])[:-2]
+    assert vllm_argv(opts, [], dtype="float32")[-2:] == ["--dtype", "float32"]
+
+
+def test_cli_serves_bfloat16_by_default_with_a_fallback_without_it() -> None:
+    from badit_serve.cli import default_dtype
+
+    every = ["bfloat16", "float16", "float32"]
+    assert default_dtype(True, every, cpu_has_bf16=True)[0] == "bfloat16"
+    assert default_dtype(False, every, cpu_has_bf16=False)[0] == "bfloat16"  # GPU: the platform decides
+    dtype, why = default_dtype(True, every, cpu_has_bf16=False)
+    assert dtype == "float32" and "no native bfloat16" in why
+    assert default_dtype(False, ["float16", "float32"], cpu_has_bf16=False)[0] == "float16"
+    assert default_dtype(True, ["float16", "float32"], cpu_has_bf16=True)[0] == "float32"
 
 
 def test_cli_prepares_a_fresh_metrics_dir_and_the_plugin_allowlist(tmp_path: Path) -> None:
@@ -269,8 +283,37 @@ def test_cli_reads_the_api_key_and_extra_options_from_the_environment() -> None:
         9,
         ["--enforce-eager"],
     )
-    vllm = vllm_argv(opts, rest, on_cpu=True)
+    vllm = vllm_argv(opts, rest)
     assert vllm[vllm.index("--api-key") + 1] == "secret"
     assert build_parser(env).parse_known_args(["/m", "--api-key", "cli"])[0].api_key == "cli"  # the flag wins
     assert build_parser({"BADIT_API_KEY": ""}).parse_known_args(["/m"])[0].api_key is None
     assert command_line(["/m"], {}) == ["/m"]
+
+
+def test_badit_mlp_in_bfloat16_stays_close_to_the_float32_reference() -> None:
+    """The serving default: base layers and B' in bfloat16, router logits float32 (same selection)."""
+    from badit_serve.vllm_models.mlp import BaditMLP
+
+    block = _block()
+    torch.manual_seed(1)
+    gate, up, down = (
+        nn.Linear(D_IN, INTER, bias=False),
+        nn.Linear(D_IN, INTER, bias=False),
+        nn.Linear(INTER, D_IN, bias=False),
+    )
+    experts = _experts(block, seed=1)
+    bf16 = [nn.Linear(m.in_features, m.out_features, bias=False).bfloat16() for m in (gate, up, down)]
+    for low, high in zip(bf16, (gate, up, down), strict=True):
+        low.weight.data.copy_(high.weight.data)
+    mlp = BaditMLP(block, _FakeMerged(bf16[0], bf16[1]), _FakeRow(bf16[2]), _silu_and_mul, tp_rank=0)
+    for name, tensor in experts.items():
+        getattr(mlp.badit_gate, name).data.copy_(tensor)
+    mlp.build_served(torch.bfloat16)
+    assert mlp.served.lora_b.dtype == torch.bfloat16 and mlp.served.router_a.dtype == torch.float32
+    x = torch.randn(7, D_IN)
+    with torch.no_grad():
+        expected = down(F.silu(RoutedLinear(gate, block, experts)(x)) * up(x))
+        got = mlp(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - expected).norm() / expected.norm() < 2e-2  # bfloat16: 8 mantissa bits
+    assert int(mlp.expert_tokens.sum()) == 7 * block.top_k

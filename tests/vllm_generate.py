@@ -3,7 +3,7 @@
     python tests/vllm_generate.py REQUEST.json RESULT.json
 
 REQUEST: {"export": dir, "prompts": [[token ids]], "max_tokens": n, "tensor_parallel_size": tp (default 1),
-"enforce_eager": bool (default true; false = vLLM's torch.compile mode). RESULT: [{"token_ids", "logprobs"}] with
+"enforce_eager": bool (default true; false = vLLM's torch.compile mode), "dtype" (default float32). RESULT: [{"token_ids", "logprobs"}] with
 the logprob of each generated token. One engine, shut down when the process ends.
 """
 
@@ -19,7 +19,7 @@ def main(request_path: str, result_path: str) -> None:
     request = json.loads(open(request_path).read())
     llm = LLM(
         model=request["export"],
-        dtype="float32",
+        dtype=request.get("dtype", "float32"),
         enforce_eager=request.get("enforce_eager", True),
         max_model_len=512,
         seed=0,

@@ -3,7 +3,9 @@
 Mixed in before the vLLM class (`class BaditLlamaForCausalLM(BaditCausalLMMixin, LlamaForCausalLM)`): it
 validates the config's `badit` block, lets the vLLM class build itself, swaps each adapted decoder layer's
 MLP for a `BaditMLP` (reusing its fused gate_up_proj, down_proj and activation), and loads the expert
-tensors itself while the vLLM loader loads everything else (the residual gate_proj included).
+tensors itself while the vLLM loader loads everything else (the residual gate_proj included). After
+loading (vLLM's model-level `process_weights_after_loading` hook) every BaditMLP builds the serving form
+of its experts in the model dtype.
 """
 
 from __future__ import annotations
@@ -32,16 +34,18 @@ class BaditCausalLMMixin:
     badit_mlps: dict[str, BaditMLP]
     badit_slots: SlotGeometry | None = None
     badit_slot_layers: dict[str, BaditSlotsGateUp]
+    badit_dtype: torch.dtype
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:  # vllm_config: vllm.config.VllmConfig
         geometry = read_slot_geometry(vllm_config.model_config.hf_config)
         if geometry is not None:  # a plain base with adapter slots (badit-serve BASE --adapter ...)
             super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
-            self.badit_slots, self.badit_slot_layers = geometry, {}
+            self.badit_slots, self.badit_slot_layers, self.badit_mlps = geometry, {}, {}
             return
         block = read_badit_block(vllm_config.model_config.hf_config)  # fail before building anything
         super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         self.badit_block = block
+        self.badit_dtype = vllm_config.model_config.dtype
         self.badit_mlps = install_badit_mlps(self, block)  # type: ignore[arg-type]
         check_coverage(self.badit_mlps, block, self._badit_is_missing)
 
@@ -71,3 +75,11 @@ class BaditCausalLMMixin:
         if missing:
             raise ValueError(f"expert tensor(s) {missing[:3]} missing from the checkpoint")
         return loaded | set(loaded_base)
+
+    def process_weights_after_loading(self) -> None:
+        """vLLM's model-level hook after loading: the experts' serving form, in the model dtype."""
+        parent = getattr(super(), "process_weights_after_loading", None)
+        if parent is not None:
+            parent()
+        for mlp in self.badit_mlps.values():
+            mlp.build_served(self.badit_dtype)

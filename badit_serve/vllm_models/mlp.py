@@ -3,12 +3,16 @@
 `BaditMLP` keeps vLLM's fused `gate_up_proj` (MergedColumnParallelLinear, the frozen residual gate and the
 up projection) and adds the routed expert delta to the gate half before the activation:
 
-    gate_up = gate_up_proj(x)                                   # (T, 2 * I_local)
-    gate_up[:, :I_local] += routed_delta(x, routing_weights(x @ router.T), lora_a, lora_b_local, s)
+    gate_up = gate_up_proj(x)                                               # (T, 2 * I_local)
+    weights, selected, weighted = served_routing(x, experts, spec)          # (T, K), (T, K), (T, K*R)
+    gate_up[:, :I_local] += weighted @ experts.lora_b.T                     # in place, model dtype
 
-using `badit_serve.routing` (the same functions training and the reference loader use), in float32 like
-the reference, the delta cast back to the model dtype. Tensor parallelism: `lora_a` and `router` are
-replicated; `lora_b` is sharded along d_out exactly like the gate half (rows [rank * I_local, ...)).
+with `badit_serve.routing`'s serving form of the shared math (`ServedExperts`): router + A' in one float32
+matmul (top-k on float32 logits like the reference), s * B' in the model dtype, the experts refactorised
+into balanced factors once after loading (`process_weights_after_loading`), so bfloat16 serving never
+subtracts two large BAD terms. Tensor parallelism: `lora_a` and `router` are replicated; `lora_b` is
+sharded along d_out exactly like the gate half (rows [rank * I_local, ...)); the refactorisation of a
+shard's rows keeps B'_e A'_e equal to that shard's rows of B_e A_e.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from torch import nn
 
 from badit_serve.format import EXPERT_MARK, BaditBlock, expert_prefix
-from badit_serve.routing import routed_delta, router_logits, routing_weights
+from badit_serve.routing import RoutingSpec, ServedExperts, add_served_delta, served_routing
 from badit_serve.vllm_models.routing_stats import ensure_registered, record_routing
 
 SUPPORTED_TARGETS = ["gate_proj"]
@@ -47,8 +51,9 @@ def check_servable(block: BaditBlock) -> None:
 
 
 class BaditGate(nn.Module):
-    """The routed experts of one gate_proj: `lora_a` (K*R, d_in) and `router` (K, d_in) replicated,
-    `lora_b` (I_local, K*R) this rank's rows of the (d_out, K*R) tensor. All float32."""
+    """The routed experts of one gate_proj as loaded: `lora_a` (K*R, d_in) and `router` (K, d_in)
+    replicated, `lora_b` (I_local, K*R) this rank's rows of the (d_out, K*R) tensor. All float32, and
+    released by `to_served` (the serving form replaces them)."""
 
     def __init__(self, block: BaditBlock, d_in: int, d_out_local: int, tp_rank: int) -> None:
         super().__init__()
@@ -68,6 +73,13 @@ class BaditGate(nn.Module):
         rows = param.shape[0]
         shard = loaded.narrow(0, self.tp_rank * rows, rows)  # (I_local, K*R)
         _copy_checked(param, shard)
+
+    def to_served(self, block: BaditBlock, dtype: torch.dtype) -> ServedExperts:
+        """The serving form of the loaded tensors (float64 refactorisation, once)."""
+        router = None if self.router is None else self.router.data
+        return ServedExperts.build(
+            router, self.lora_a.data, self.lora_b.data, block.scaling, block.num_experts, dtype
+        )
 
 
 def _copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:
@@ -96,6 +108,8 @@ class BaditMLP(nn.Module):
         self.act_fn = act_fn
         self.intermediate_local = int(gate_up_proj.output_partition_sizes[0])
         self.badit_gate = BaditGate(block, int(gate_up_proj.input_size), self.intermediate_local, tp_rank)
+        self.spec = RoutingSpec(block.num_experts, block.top_k, block.router, block.gate_scale)
+        self.served: ServedExperts | None = None  # set by process_weights_after_loading
         # Routing statistics of the real tokens (see routing_stats); not parameters, not in checkpoints.
         self.register_buffer(
             "expert_tokens", torch.zeros(block.num_experts, dtype=torch.int64), persistent=False
@@ -106,20 +120,20 @@ class BaditMLP(nn.Module):
         self.record_stats = True
         ensure_registered()
 
-    def routed_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (T, d_in) -> the routed delta (T, I_local) in float32; records the routing statistics."""
-        b, gate = self.block, self.badit_gate
-        flat = x.float()  # (T, d_in)
-        logits = router_logits(flat, gate.router)  # (T, K)
-        weights, selected = routing_weights(logits, b.top_k, b.router, b.gate_scale)  # (T, K), (T, K)
-        if self.record_stats:
-            record_routing(selected, weights, self.expert_tokens, self.router_weight_sums)
-        return routed_delta(flat, weights, gate.lora_a, gate.lora_b, b.scaling)  # (T, I_local)
+    def build_served(self, dtype: torch.dtype) -> None:
+        """Build the serving form of the experts (once after loading, again after a weight reload)."""
+        self.served = self.badit_gate.to_served(self.block, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.served is None:
+            raise RuntimeError("BaditMLP used before process_weights_after_loading built its experts")
         gate_up, _ = self.gate_up_proj(x)  # (T, 2 * I_local)
-        delta = self.routed_delta(x.reshape(-1, x.shape[-1]))  # (T, I_local)
-        gate_up[..., : self.intermediate_local] += delta.view(*gate_up.shape[:-1], -1).to(gate_up.dtype)
+        flat = x.reshape(-1, x.shape[-1])  # (T, d_in)
+        weights, selected, weighted = served_routing(flat, self.served, self.spec)  # (T, K), (T, K), (T, K*R)
+        if self.record_stats:
+            record_routing(selected, weights, self.expert_tokens, self.router_weight_sums)
+        gate = gate_up.view(-1, gate_up.shape[-1])[:, : self.intermediate_local]  # (T, I_local) view
+        add_served_delta(gate, weighted, self.served)  # (T, I_local), in place
         out, _ = self.down_proj(self.act_fn(gate_up))  # (T, d_model)
         return out
 
