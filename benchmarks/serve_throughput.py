@@ -8,7 +8,8 @@ Rows, each a fresh engine in its own process, the same engine settings and promp
 - base: the base model (the prepared SmolLM2-135M-Instruct);
 - badit: a Badit export of it (default exports/quickstart; built with the quickstart config, 2 optimiser
   steps and no evaluation, when missing: the serving cost does not depend on how long it trained);
-- lora: vLLM's native LoRA (`enable_lora`) of rank K*R on every gate_proj, a peft adapter written here.
+- lora: vLLM's native LoRA (`enable_lora`) of rank K*r (the trained rank) on every gate_proj, a peft adapter
+  written here.
 Offline (LLM.chat): `--prompts` chat prompts (SuperNI test inputs of the quickstart tasks) x `--max-tokens`
 greedy tokens (ignore_eos), for each of `--dtypes`; cold start = LLM() construction until the engine is
 ready. Online (`--online-dtypes`): base through vLLM's OpenAI server and badit through badit-serve, the same
@@ -441,7 +442,7 @@ def main() -> None:
     base = resolve_model("smollm2-135m-instruct")
     export = ensure_export(args.export.resolve())
     block = load_export(export, verify_checksums=False).block
-    lora_rank = block.num_experts * block.rank
+    lora_rank = block.num_experts * block.train_rank  # K*r, what the experts were trained with
     work = Path(tempfile.mkdtemp(prefix="badit-serve-bench-"))
     common = {
         "base": str(base),
