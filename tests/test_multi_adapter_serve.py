@@ -53,11 +53,11 @@ class MultiServer:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {API_KEY}"}
 
-    def complete(self, model: str, prompt: list[int]) -> httpx.Response:
+    def complete(self, model: str, prompt: list[int], max_tokens: int = MAX_TOKENS) -> httpx.Response:
         body = {
             "model": model,
             "prompt": prompt,
-            "max_tokens": MAX_TOKENS,
+            "max_tokens": max_tokens,
             "temperature": 0.0,
             "ignore_eos": True,
             "return_token_ids": True,
@@ -275,6 +275,20 @@ def test_hot_load_unload_reload_and_refusals_under_load(server: MultiServer) -> 
         for a in httpx.get(f"{server.url}/v1/badit/adapters", headers=server.headers()).json()["adapters"]
     ]
     assert names == ["a1", "a2"]
+
+
+def test_unload_lets_running_requests_finish_with_their_adapter(server: MultiServer) -> None:
+    assert _post(server, "a3", server.dirs["a3"]).status_code == 200
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        running = pool.submit(server.complete, "a3", PROMPTS[0], 400)
+        time.sleep(1.0)  # the request is decoding
+        response = httpx.delete(f"{server.url}/v1/badit/adapters/a3", headers=server.headers(), timeout=60)
+        assert response.status_code == 200, response.text
+        finished = running.result(timeout=300)
+    assert finished.status_code == 200, finished.text
+    tokens = finished.json()["choices"][0]["token_ids"]
+    assert len(tokens) == 400 and tokens[:MAX_TOKENS] == server.expected["a3"][0]  # greedy: same prefix
+    assert server.complete("a3", PROMPTS[0]).status_code == 404
 
 
 def test_adapter_routes_need_the_api_key(server: MultiServer) -> None:
