@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from badit_serve.export_io import load_export
 from tests.badit_exports import make_export
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serve]
 
 API_KEY = "sk-badit-test"
 MODEL = "badit-tiny"

@@ -15,6 +15,8 @@ from training.config import load_config
 from training.hooks import TrainerHook, TrainState
 from training.run import RunError, run
 
+pytestmark = pytest.mark.train
+
 TASKS = [
     "task363_sst2_polarity_classification",
     "task073_commonsenseqa_answer_generation",
@@ -172,7 +174,9 @@ def test_sequential_mode_evaluates_every_task_after_each_stage(
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_ranks_match_one_process(tiny_model_dirs, superni_dir, tmp_path) -> None:
+def test_torchrun_two_cpu_ranks_match_one_process(
+    tiny_llama_default_tokenizer_dir, superni_dir, tmp_path
+) -> None:
     """DDP (gloo, 2 processes) computes the same global-batch gradients: same weights, same regroups."""
     import subprocess
     import sys
@@ -185,7 +189,9 @@ def test_torchrun_two_cpu_ranks_match_one_process(tiny_model_dirs, superni_dir, 
         "adapter.dog.schedule": "every_n_steps",
         "adapter.dog.every_n_steps": 2,
     }
-    single = load_config(None, _overrides(tiny_model_dirs["llama"], superni_dir, tmp_path / "one", **extra))
+    single = load_config(
+        None, _overrides(tiny_llama_default_tokenizer_dir, superni_dir, tmp_path / "one", **extra)
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in each rank (OMP_NUM_THREADS=1): identical SVD initialisation
     try:
@@ -203,7 +209,7 @@ def test_torchrun_two_cpu_ranks_match_one_process(tiny_model_dirs, superni_dir, 
         "training.cli.train",
         "--no-progress",
     ]
-    for item in _overrides(tiny_model_dirs["llama"], superni_dir, tmp_path / "ddp", **extra):
+    for item in _overrides(tiny_llama_default_tokenizer_dir, superni_dir, tmp_path / "ddp", **extra):
         args += ["--set", item]
     proc = subprocess.run(
         args,

@@ -92,6 +92,7 @@ half); qwen3 runs in vLLM's default torch.compile mode (the routing-stats custom
 
 
 @pytest.mark.slow
+@pytest.mark.serve
 @pytest.mark.parametrize(
     ("family", "tp", "eager"), CASES, ids=[f"{f}-tp{t}-{'eager' if e else 'compiled'}" for f, t, e in CASES]
 )

@@ -1,7 +1,9 @@
 """Tiny random causal LMs (2 layers, hidden 128, 2 heads of dim 64) built offline from configs.
 
-head_dim is 64 because vLLM's CPU attention rejects smaller heads. The tokenizer is the default model's
-(prepared offline), so prompts, chat template and eos behave as in real runs.
+head_dim is 64 because vLLM's CPU attention rejects smaller heads. The tokenizer is a tiny byte-level BPE
+built here in well under a second (`build_tiny_tokenizer`): the default model's special tokens at the same
+ids (<|endoftext|> 0, <|im_start|> 1, <|im_end|> 2 = eos = pad) and its ChatML chat template, so prompts
+and eos behave as in real runs without preparing the default model.
 """
 
 from __future__ import annotations
@@ -9,7 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+)
 
 FAMILIES = ("llama", "qwen3", "gemma2")
 
@@ -27,6 +36,52 @@ _FAMILY_OVERRIDES: dict[str, dict] = {
     "qwen3": dict(tie_word_embeddings=True),
     "gemma2": dict(tie_word_embeddings=True, query_pre_attn_scalar=64, sliding_window=512),
 }
+
+
+TINY_VOCAB = 8192
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _corpus() -> list[str]:
+    """Deterministic English training text for the BPE, offline: the standard library's help topics."""
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def build_tiny_tokenizer(out_dir: Path) -> Path:
+    """Save a byte-level BPE tokenizer of exactly TINY_VOCAB tokens (tests use ids up to 4003) with
+    ChatML special tokens; on English it needs about 1.35x the default tokenizer's tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    missing = TINY_VOCAB - tok.get_vocab_size()
+    if missing > 0:  # a fixed vocabulary size whatever the merges found
+        tok.add_tokens([f"<|pad_{i}|>" for i in range(missing)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
 
 
 def tiny_config(family: str, vocab_size: int, bos: int, eos: int, pad: int):
