@@ -103,6 +103,7 @@ def test_summarize_mean_and_std_over_seeds() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.train
 def test_suite_runs_resumably_and_second_call_only_reprints(
     tiny_model_dirs, superni_dir, tmp_path, monkeypatch, capsys
 ) -> None:
