@@ -33,7 +33,7 @@ from training.hooks import TrainerHook, TrainState
 from training.run import run
 from training.run_dir import RunDir
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.train]
 
 RUN = {
     "train.max_steps": 4,

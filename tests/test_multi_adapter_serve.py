@@ -31,7 +31,7 @@ from tests.badit_exports import make_adapter
 from tests.test_serve import _free_port, _stop
 from tests.tiny_models import build_tiny_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serve]
 
 API_KEY = "sk-badit-multi"
 BASE = "tiny-base"
