@@ -215,3 +215,18 @@ def test_restarts_escape_a_local_optimum() -> None:
     assert cohesion(normalize_rows(x), best.labels, 16) >= cohesion(normalize_rows(x), single.labels, 16)
     with pytest.raises(ValueError, match="restarts"):
         dog_grouping(x, 16, 4, restarts=0)
+
+
+def test_epoch_first_half_regroups_at_epoch_ends_in_the_first_half() -> None:
+    """The paper's schedule: 10 epochs of 3 steps regroup after epochs 1-5 (steps 3..15), never later."""
+    from training.adapters import DogConfig
+    from training.schedule import regroup_due
+
+    dog = DogConfig(schedule="epoch_first_half")
+    assert [s for s in range(1, 31) if regroup_due(s, 30, 3, dog)] == [3, 6, 9, 12, 15]
+    # an odd number of epochs: the middle epoch ends after the half-way point (21 > 17.5)
+    assert [s for s in range(1, 36) if regroup_due(s, 35, 7, dog)] == [7, 14]
+    # one epoch only: the last step is never a regroup (it could no longer matter)
+    assert [s for s in range(1, 5) if regroup_due(s, 4, 4, dog)] == []
+    every = DogConfig(schedule="every_n_steps", every_n_steps=4)
+    assert [s for s in range(1, 13) if regroup_due(s, 12, 3, every)] == [4, 8]

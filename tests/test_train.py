@@ -173,6 +173,27 @@ def test_sequential_mode_evaluates_every_task_after_each_stage(
     assert len(preds) == 3 * 2
 
 
+def test_sequential_dog_signal_restarts_at_each_task(tiny_model_dirs, superni_dir, tmp_path) -> None:
+    """6 examples, batch 2: 3 steps per epoch, 2 epochs per stage. epoch_first_half regroups after step 3
+    of each stage only; steps 4-6 of task 1 accumulate signal that no regroup uses, and task 2's regroup
+    must not see it (3 signal steps, not 6)."""
+    extra = {
+        "train.mode": "sequential",
+        "train.task_order": "[" + ", ".join(TASKS[:2]) + "]",
+        "train.max_steps": "",
+        "train.epochs": 2,
+        "adapter.dog.schedule": "epoch_first_half",
+        "eval.enabled": "false",
+    }
+    cfg = load_config(None, _overrides(tiny_model_dirs["qwen3"], superni_dir, tmp_path / "run", **extra))
+    run(cfg, show_progress=False)
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    regroups = [e for e in events if e["event"] == "regroup"]
+    assert [(e["stage"], e["step"]) for e in regroups] == [(0, 3), (1, 9)]
+    for event in regroups:
+        assert {layer["signal_steps"] for layer in event["layers"]} == {3}
+
+
 @pytest.mark.slow
 def test_torchrun_two_cpu_ranks_match_one_process(
     tiny_llama_default_tokenizer_dir, superni_dir, tmp_path

@@ -23,7 +23,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from training.adapters import AdapterConfig, DogConfig, accumulate_dog_signal, adapted_layers, regroup
+from training.adapters import (
+    AdapterConfig,
+    DogConfig,
+    accumulate_dog_signal,
+    adapted_layers,
+    regroup,
+    reset_dog_signal,
+)
 from training.data import TrainExample, collate_train
 from training.distributed import World
 from training.metrics_log import MetricsLog
@@ -89,7 +96,9 @@ class DogHook(TrainerHook):
         self.probe: dict[str, torch.Tensor] = {}
 
     def on_stage_start(self, state: TrainState) -> None:
-        """A fixed probe batch (the stage's first examples) for the regroup's drift check."""
+        """The signal restarts at each stage (a sequential task boundary), so a regroup never mixes the
+        gradients of two tasks; a fixed probe batch (the stage's first examples) for the drift check."""
+        reset_dog_signal(state.model)
         probe = collate_train(state.examples[: min(4, len(state.examples))], state.pad_id)
         self.probe = {k: v.to(state.device) for k, v in probe.items()}
 

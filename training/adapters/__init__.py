@@ -18,7 +18,13 @@ from training.adapters.apply import (
 )
 from training.adapters.config import AdapterConfig, DogConfig
 from training.adapters.layer import LayerSpec, RoutedAdapterLinear
-from training.adapters.regroup import LayerRegroupReport, RegroupReport, accumulate_dog_signal, regroup
+from training.adapters.regroup import (
+    LayerRegroupReport,
+    RegroupReport,
+    accumulate_dog_signal,
+    regroup,
+    reset_dog_signal,
+)
 
 __all__ = [
     "AdapterConfig",
@@ -35,6 +41,7 @@ __all__ = [
     "layer_spec",
     "load_adapter_state_dict",
     "regroup",
+    "reset_dog_signal",
     "router_load",
     "trainable_parameters",
 ]

@@ -199,6 +199,11 @@ class RoutedAdapterLinear(nn.Module):
             self.lora_b0.copy_(self.lora_b0[:, perm])
         self.component_ids.copy_(self.component_ids[perm])
         self.singular_values.copy_(self.singular_values[perm])
+        self.reset_dog_signal()
+
+    @torch.no_grad()
+    def reset_dog_signal(self) -> None:
+        """Forget the accumulated DOG signal (after a regroup, and at every training stage's start)."""
         self.dog_grad_a.zero_()
         self.dog_grad_b.zero_()
         self.dog_steps.zero_()

@@ -71,6 +71,12 @@ def accumulate_dog_signal(model: nn.Module) -> None:
         layer.accumulate_dog_signal()
 
 
+def reset_dog_signal(model: nn.Module) -> None:
+    """Zero every layer's accumulated signal, so the next regroup sees only gradients from now on."""
+    for layer in adapted_layers(model).values():
+        layer.reset_dog_signal()
+
+
 @torch.no_grad()
 def _next_token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     was_training = model.training
