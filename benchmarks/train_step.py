@@ -1,4 +1,5 @@
-"""Training-step time and peak memory per method on the default model (CPU fp32 or CUDA).
+"""Training-step time and peak memory per method on the default model (CPU fp32, or CUDA: bf16 base weights
+under bf16 autocast, as the trainer runs there).
 
 Each method runs in its own process so that peak memory (ru_maxrss / max_memory_allocated) is its own.
     .venv/bin/python benchmarks/train_step.py [--batch 4] [--length 512] [--steps 3] [--out PATH]
@@ -48,7 +49,8 @@ def _measure(method: str, batch: int, length: int, steps: int, queue: mp.Queue) 
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss, count = response_loss(model, data)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, count = response_loss(model, data)
         (loss / count).backward()
         accumulate_dog_signal(model)
         optimizer.step()
