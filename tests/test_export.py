@@ -20,7 +20,7 @@ from training.adapters import (
     adapted_layers,
     apply_adapters,
 )
-from training.export import export_model, measure_task_shares
+from training.export import export_model, export_tensors, measure_task_shares
 
 
 def _trained_model(model_dir: Path, method: str = "badit", steps: int = 3) -> torch.nn.Module:
@@ -204,6 +204,17 @@ def test_dense_export_of_an_untrained_adapter_reproduces_the_base_model(
     torch.testing.assert_close(dense(ids).logits, base(ids).logits, atol=1e-5, rtol=0)
 
 
+def test_interleaved_probe_covers_every_task() -> None:
+    from training.export import interleaved_probe
+
+    prompts = {"a": [[1], [2], [3]], "b": [[10]], "c": [[20], [21]]}
+    # the old probe took the first prompts in task order: [[1], [2], [3]] never reached b or c
+    assert interleaved_probe(prompts, 3) == [[1], [10], [20]]
+    assert interleaved_probe(prompts, 5) == [[1], [10], [20], [2], [21]]
+    assert interleaved_probe(prompts, 99) == [[1], [10], [20], [2], [21], [3]]
+    assert interleaved_probe({}, 4) == []
+
+
 def test_dense_export_folds_experts_by_mean_weight(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
     """With a dense router whose weights are constant, folding is exact: dense == routed."""
     from training.export import export_dense
@@ -231,3 +242,40 @@ def test_export_files_are_world_readable(good_export: Path) -> None:
     assert {p.name: p.stat().st_mode & 0o777 for p in good_export.iterdir()} == {
         p.name: 0o644 for p in good_export.iterdir()
     }
+
+
+def test_export_takes_the_stored_initial_factors_instead_of_an_svd(
+    tiny_model_dirs: dict[str, Path], superni_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An 8B export spent most of an hour on CPU recomputing every gate_proj SVD that the checkpoint
+    already holds (A0/B0 of the delta form). Rebuilt from the stored factors, the model exports the same
+    tensors, and export_run never calls the SVD."""
+    from tests.test_train import _overrides
+    from training.checkpoint import latest_checkpoint, load_checkpoint, restore_training_state
+    from training.cli.export import export_run
+    from training.config import load_config
+    from training.run import build_model, run
+
+    model_dir = tiny_model_dirs["llama"]
+    extra = {"eval.enabled": "false", "adapter.dog.schedule": "every_n_steps", "adapter.dog.every_n_steps": 2}
+    cfg = load_config(None, _overrides(model_dir, superni_dir, tmp_path / "run", **extra))
+    run(cfg, show_progress=False)
+    state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    exported = []
+    for stored in (None, state.adapter):
+        model = build_model(cfg, model_dir, torch.device("cpu"), stored_state=stored)
+        restore_training_state(state, model)
+        exported.append(export_tensors(model))
+    assert exported[0].keys() == exported[1].keys()
+    for key, value in exported[0].items():
+        assert torch.equal(exported[1][key], value), key
+
+    def no_svd(*args: object, **kwargs: object) -> None:
+        raise AssertionError("export recomputed an SVD")
+
+    monkeypatch.setattr("training.adapters.layer.top_singular_components", no_svd)
+    out = export_run(tmp_path / "run", tmp_path / "export")
+    reference = load_reference_model(out)
+    ids = torch.randint(3, 1000, (2, 10), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    torch.testing.assert_close(reference(ids).logits, model(ids).logits, atol=1e-5, rtol=0)

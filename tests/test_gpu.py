@@ -102,7 +102,7 @@ def test_killed_run_resumes_to_the_same_weights_on_cuda(tiny_model_dirs, superni
     with pytest.raises(KeyboardInterrupt):
         run(killed, show_progress=False, hooks=[InterruptAfter(3)])
     run(killed, resume=True, show_progress=False)
-    a = load_checkpoint(latest_checkpoint(tmp_path / "whole"))["adapter"]
-    b = load_checkpoint(latest_checkpoint(tmp_path / "killed"))["adapter"]
+    a = load_checkpoint(latest_checkpoint(tmp_path / "whole")).adapter
+    b = load_checkpoint(latest_checkpoint(tmp_path / "killed")).adapter
     for key in a:
         torch.testing.assert_close(b[key].float(), a[key].float(), atol=1e-4, rtol=1e-3, msg=key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,10 @@ def test_every_method_trains_evaluates_and_exports(
     assert export_main([str(out), str(tmp_path / "export"), *dense]) == 0
     assert (tmp_path / "export" / "badit_manifest.json").is_file()
     assert (tmp_path / "export-dense" / "model.safetensors").is_file() == bool(dense)
+    if dense:  # KL on prompts from both tasks; Rouge-L of the routed and the dense model side by side
+        err = capsys.readouterr().err
+        assert "nats/token on 4 prompts from 2 tasks" in err
+        assert re.search(r"Rouge-L routed \d+\.\d\d vs dense \d+\.\d\d on 4 test prompts of 2 tasks", err)
 
 
 def test_run_dir_with_results_needs_force(tiny_model_dirs, superni_dir, tmp_path) -> None:

@@ -266,6 +266,17 @@ def write_plain_model(
     return out_dir
 
 
+def interleaved_probe(prompts_by_task: dict[str, list[list[int]]], size: int) -> list[list[int]]:
+    """Up to `size` prompts taken round-robin over the tasks (first of each task, then second, ...), so a
+    probe smaller than the test sets still covers every task."""
+    probe: list[list[int]] = []
+    for i in range(max(map(len, prompts_by_task.values()), default=0)):
+        for prompts in prompts_by_task.values():
+            if i < len(prompts) and len(probe) < size:
+                probe.append(prompts[i])
+    return probe
+
+
 @torch.no_grad()
 def mean_kl(model_p: nn.Module, model_q: nn.Module, sequences: Iterable[list[int]]) -> float:
     """Mean over tokens of KL(p || q) between the two models' next-token distributions."""

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,10 +68,17 @@ def order_tasks(tasks: list[Task], order: list[str] | str | None, seed: int) -> 
     return [by_name[name] for name in order]
 
 
-def build_model(cfg: RunConfig, model_dir: Path, device: torch.device) -> torch.nn.Module:
+def build_model(
+    cfg: RunConfig,
+    model_dir: Path,
+    device: torch.device,
+    stored_state: Mapping[str, torch.Tensor] | None = None,
+) -> torch.nn.Module:
+    """The base model with the run's adapters; `stored_state` (a checkpoint's adapter state) spares the
+    SVD of every delta-form layer (see `apply_adapters`)."""
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
-    return apply_adapters(model, cfg.adapter, seed=cfg.train.seed)
+    return apply_adapters(model, cfg.adapter, seed=cfg.train.seed, stored_state=stored_state)
 
 
 def _seed_everything(seed: int) -> None:

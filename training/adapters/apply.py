@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
 from badit_serve.architectures import SUPPORTED_MODEL_TYPES
 from training.adapters.config import AdapterConfig
-from training.adapters.layer import LayerSpec, RoutedAdapterLinear
+from training.adapters.layer import LayerSpec, RoutedAdapterLinear, StoredInit
 
 ADAPTER_CONFIG_ATTR = "badit_adapter_config"
 
@@ -27,10 +29,17 @@ def layer_spec(config: AdapterConfig) -> LayerSpec:
     )
 
 
-def apply_adapters(model: nn.Module, config: AdapterConfig, seed: int | None = None) -> nn.Module:
+def apply_adapters(
+    model: nn.Module,
+    config: AdapterConfig,
+    seed: int | None = None,
+    stored_state: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
     """Replace every target nn.Linear by a `RoutedAdapterLinear`; freeze everything else.
 
     Returns the same model object. `seed` makes router and LoRA initialisation reproducible.
+    `stored_state` (an `adapter_state_dict` about to be loaded) lets delta-form layers take their initial
+    factors from it instead of recomputing each weight's SVD (`StoredInit`).
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
@@ -51,7 +60,9 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, seed: int | None = N
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        adapted = RoutedAdapterLinear(module, spec, generator=generator).to(module.weight.device)
+        stored = StoredInit.from_state(stored_state, name) if stored_state is not None else None
+        adapted = RoutedAdapterLinear(module, spec, generator=generator, stored=stored)
+        adapted = adapted.to(module.weight.device)
         adapted.train(module.training)  # a new module defaults to training mode (dropout on)
         setattr(parent, child, adapted)
     setattr(model, ADAPTER_CONFIG_ATTR, config)

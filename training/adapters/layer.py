@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,22 @@ class LayerSpec:
         return self.init == "bad"
 
 
+@dataclass(frozen=True)
+class StoredInit:
+    """A delta-form layer's initial factors as a checkpoint stores them (slots as last regrouped); the
+    layer is rebuilt from these instead of recomputing the SVD of its weight (export of a large model)."""
+
+    lora_a0: torch.Tensor  # (K*r, d_in)
+    lora_b0: torch.Tensor  # (d_out, K*r)
+    singular_values: torch.Tensor  # (K*r,)
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, torch.Tensor], layer: str) -> StoredInit | None:
+        """The stored factors of `layer` in an `adapter_state_dict`, or None when it holds none."""
+        keys = [f"{layer}.{k}" for k in ("lora_a0", "lora_b0", "singular_values")]
+        return cls(*(state[k] for k in keys)) if all(k in state for k in keys) else None
+
+
 def _make_router(d_in: int, spec: LayerSpec, generator: torch.Generator | None) -> nn.Linear | None:
     """The token router (K, d_in), uniform in +-1/sqrt(d_in); None for router 'none'."""
     if spec.router == "none":
@@ -59,7 +76,13 @@ class RoutedAdapterLinear(nn.Module):
     index (or its initial slot for LoRA init) — and `singular_values` (K*r,), both moved by regrouping.
     """
 
-    def __init__(self, base: nn.Linear, spec: LayerSpec, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        base: nn.Linear,
+        spec: LayerSpec,
+        generator: torch.Generator | None = None,
+        stored: StoredInit | None = None,
+    ):
         super().__init__()
         self.spec = spec
         self.base = base
@@ -74,7 +97,7 @@ class RoutedAdapterLinear(nn.Module):
         self.register_buffer("lora_b0", None)
         self.register_buffer("component_ids", torch.arange(n))
         self.register_buffer("singular_values", torch.zeros(n))
-        lora_a, lora_b = self._init_experts(generator)
+        lora_a, lora_b = self._init_experts(generator, stored)
         self.lora_a = nn.Parameter(lora_a.contiguous())
         self.lora_b = nn.Parameter(lora_b.contiguous())
         # DOG signal: gradients of each component's factors summed since the last regroup (never d_out x d_in).
@@ -88,14 +111,26 @@ class RoutedAdapterLinear(nn.Module):
         self.weight_sums: torch.Tensor | None = None
         """When set to a (K,) tensor, every forward adds its per-expert routing-weight sums (measurement)."""
 
-    def _init_experts(self, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _init_experts(
+        self, generator: torch.Generator | None, stored: StoredInit | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Initial A (K*r, d_in) and B (d_out, K*r) by `spec.init`; sets singular values, A0/B0 (delta
-        form) or the residual base weight (literal residual)."""
+        form) or the residual base weight (literal residual). A delta-form layer given its `stored`
+        factors takes them instead of an SVD (the literal residual needs the SVD to rebuild its weight)."""
         spec, base = self.spec, self.base
         d_out, d_in = base.weight.shape
         n = spec.num_components
         if spec.init == "lora":
             return kaiming_lora_a(n, d_in, generator), torch.zeros(d_out, n)
+        if spec.is_delta and stored is not None:
+            if stored.lora_a0.shape != (n, d_in) or stored.lora_b0.shape != (d_out, n):
+                raise ValueError(
+                    f"stored initial factors of shapes {tuple(stored.lora_a0.shape)}, "
+                    f"{tuple(stored.lora_b0.shape)} do not fit a ({d_out}, {d_in}) weight with {n} components"
+                )
+            self.singular_values.copy_(stored.singular_values)
+            self.lora_a0, self.lora_b0 = stored.lora_a0.float().clone(), stored.lora_b0.float().clone()
+            return self.lora_a0.clone(), self.lora_b0.clone()
         # bad, bad-residual, pissa: the top K*r singular components
         lora_a, lora_b, sing = top_singular_components(base.weight, n, spec.scaling)
         self.singular_values.copy_(sing)

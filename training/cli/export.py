@@ -8,14 +8,22 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from badit_serve.exit_codes import run_cli
 from badit_serve.export_io import ExportError
 from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, restore_training_state
-from training.config import ConfigError, load_config
-from training.data import DataError, encode_eval_prompts, load_tasks
-from training.export import export_adapter, export_dense, export_model, mean_kl, measure_routing
+from training.config import ConfigError, RunConfig, load_config
+from training.data import DataError, Task, encode_eval_prompts, load_tasks
+from training.eval import evaluate_tasks
+from training.export import (
+    export_adapter,
+    export_dense,
+    export_model,
+    interleaved_probe,
+    mean_kl,
+    measure_routing,
+)
 from training.metrics_log import MetricsLog
 from training.model_store import ModelNotFoundError, resolve_model
 from training.run import build_model
@@ -49,8 +57,9 @@ def export_run(
     run, checkpoint = _locate(source)
     cfg = load_config(run.config)
     model_dir = resolve_model(cfg.model.name_or_path)
-    model = build_model(cfg, model_dir, device=torch.device("cpu"))
-    restore_training_state(load_checkpoint(checkpoint), model)
+    state = load_checkpoint(checkpoint)
+    model = build_model(cfg, model_dir, device=torch.device("cpu"), stored_state=state.adapter)
+    restore_training_state(state, model)
     model.eval()
     history = [
         {k: v for k, v in r.items() if k != "layers"}
@@ -60,12 +69,8 @@ def export_run(
     shares = json.loads(run.shares.read_text()) if run.shares.is_file() else None
     d = cfg.data
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    needed = dense or shares is None
-    prompts = (
-        encode_eval_prompts(tokenizer, load_tasks(d), d.prompt_format, d.max_length, cfg.eval.max_new_tokens)
-        if needed
-        else {}
-    )
+    tasks = load_tasks(d) if dense or shares is None else []
+    prompts = encode_eval_prompts(tokenizer, tasks, d.prompt_format, d.max_length, cfg.eval.max_new_tokens)
     mean_weights = None
     if prompts:
         print(
@@ -76,27 +81,38 @@ def export_run(
     writer = export_adapter if adapter_only else export_model
     out = writer(model, model_dir, out_dir, dog_history=history, task_shares=shares, force=force)
     if dense:
-        probe = [ids for seqs in prompts.values() for ids in seqs][:probe_size]
-        _export_dense(
-            model, model_dir, out_dir.with_name(out_dir.name + "-dense"), mean_weights, probe, force
-        )
+        dense_dir = out_dir.with_name(out_dir.name + "-dense")
+        export_dense(model, model_dir, dense_dir, mean_weights, force=force)
+        _report_dense(model, dense_dir, tokenizer, tasks, cfg, interleaved_probe(prompts, probe_size))
     return out
 
 
-def _export_dense(
+def _report_dense(
     model: torch.nn.Module,
-    model_dir: Path,
     dense_dir: Path,
-    mean_weights: dict[str, list[float]] | None,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[Task],
+    cfg: RunConfig,
     probe: list[list[int]],
-    force: bool,
 ) -> None:
-    """Write the folded plain model and report its mean KL to the routed one on the probe prompts."""
-    export_dense(model, model_dir, dense_dir, mean_weights, force=force)
+    """How far the folded plain model is from the routed one: mean KL on probe prompts from every task,
+    and both models' Rouge-L on the run's test prompts (greedy, the run's eval settings)."""
     plain = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
     kl = mean_kl(model, plain, probe)
     print(
-        f"dense export {dense_dir}: mean KL(routed || dense) = {kl:.4g} nats/token on {len(probe)} prompts",
+        f"dense export {dense_dir}: mean KL(routed || dense) = {kl:.4g} nats/token on {len(probe)} prompts "
+        f"from {len(tasks)} tasks",
+        file=sys.stderr,
+    )
+    d = cfg.data
+    rouge = {
+        name: evaluate_tasks(m, tokenizer, tasks, d.prompt_format, d.max_length, cfg.eval, progress=False)
+        for name, m in (("routed", model), ("dense", plain))
+    }
+    mean = {name: sum(s.rouge_l for s in scores.values()) / len(scores) for name, scores in rouge.items()}
+    print(
+        f"dense export {dense_dir}: Rouge-L routed {mean['routed']:.2f} vs dense {mean['dense']:.2f} "
+        f"on {sum(len(t.test) for t in tasks)} test prompts of {len(tasks)} tasks",
         file=sys.stderr,
     )
 
@@ -110,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         "--dense",
         action="store_true",
         help="also write OUT_DIR-dense: a plain base-architecture model with every expert folded "
-        "in by its mean routing weight on the evaluation sets (no plugin needed)",
+        "in by its mean routing weight on the evaluation sets (no plugin needed); reports its KL to the "
+        "routed model on prompts from every task and both models' Rouge-L on the run's test prompts "
+        "(greedy generation: slow for large models on a CPU)",
     )
     parser.add_argument(
         "--adapter-only",
