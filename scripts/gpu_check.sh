@@ -8,8 +8,8 @@
 #   - this repository and a venv with its runtime dependencies (pyproject [project.dependencies]) plus
 #     pytest: e.g. a wheelhouse made with `pip download -d wheels . pytest` on a machine with the same
 #     Python, installed with `pip install --no-index -f wheels -e . pytest` (vLLM is not needed);
-#   - the prepared default model directory, $BADIT_HOME/models/smollm2-135m-instruct (~0.5 GiB; the tiny
-#     test models reuse its tokenizer);
+#   - the prepared default model directory, $BADIT_HOME/models/smollm2-135m-instruct (~0.5 GiB; the timing
+#     trains it; the tests build tiny models and a tiny tokenizer themselves);
 #   - the SuperNI task folders task363_sst2_polarity_classification and
 #     task073_commonsenseqa_answer_generation (~0.5 MiB), pointed to by $BADIT_SUPERNI_DIR (resume test).
 set -euo pipefail

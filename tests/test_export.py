@@ -244,6 +244,7 @@ def test_export_files_are_world_readable(good_export: Path) -> None:
     }
 
 
+@pytest.mark.train
 def test_export_takes_the_stored_initial_factors_instead_of_an_svd(
     tiny_model_dirs: dict[str, Path], superni_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

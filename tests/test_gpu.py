@@ -84,6 +84,7 @@ def test_export_of_a_cuda_model_round_trips_through_the_reference_loader(
         torch.testing.assert_close(reference(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.train
 def test_killed_run_resumes_to_the_same_weights_on_cuda(tiny_model_dirs, superni_dir, tmp_path) -> None:
     """run() picks CUDA when present (bf16 autocast on by default there). cuBLAS may reorder sums, so
     the comparison allows float32 noise rather than demanding bitwise equality."""
