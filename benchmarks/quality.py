@@ -29,6 +29,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from training.eval import DEFAULT_CONVENTION, continual_metrics, mixed_forward
+
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = Path(__file__).resolve().parent / "suites"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,7 +56,9 @@ class Suite(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     """train.seed values; the table gives mean +- std over them."""
     forward: bool = True
-    """Also train each task alone (`single` mode) per method and seed, for the Forward metric."""
+    """Also train each task alone (`single` mode) per seed, for the Forward metric."""
+    forward_reference: str | None = None
+    """Method whose single-task runs are every method's Forward baseline (None: each method its own)."""
 
 
 @dataclass(frozen=True)
@@ -94,8 +98,14 @@ def plan(suite: Suite, methods: list[str] | None) -> list[RunSpec]:
     unknown = [m for m in chosen if m not in suite.methods]
     if unknown:
         raise SystemExit(f"quality: unknown method(s) {unknown}; suite has {list(suite.methods)}")
-    modes = (["single"] if suite.forward else []) + list(suite.modes)
-    return [RunSpec(m, mode, seed) for seed in suite.seeds for m in chosen for mode in modes]
+    specs = []
+    for seed in suite.seeds:
+        for method in chosen:
+            reference = suite.forward_reference or method
+            if suite.forward and RunSpec(reference, "single", seed) not in specs:
+                specs.append(RunSpec(reference, "single", seed))
+            specs += [RunSpec(method, mode, seed) for mode in suite.modes]
+    return specs
 
 
 def run_tree(suite: Suite, spec: RunSpec, run_dir: Path, runs_root: Path) -> dict[str, Any]:
@@ -106,9 +116,14 @@ def run_tree(suite: Suite, spec: RunSpec, run_dir: Path, runs_root: Path) -> dic
         train["task_order"] = suite.task_order
     tree = merge(tree, {"train": train, "output": {"dir": str(run_dir)}})
     if suite.forward and spec.mode != "single":
-        single_dir = runs_root / RunSpec(spec.method, "single", spec.seed).key
+        single_dir = runs_root / single_spec(suite, spec).key
         tree = merge(tree, {"eval": {"single_run": str(single_dir)}})
     return tree
+
+
+def single_spec(suite: Suite, spec: RunSpec) -> RunSpec:
+    """The single-task run that is `spec`'s Forward baseline."""
+    return RunSpec(suite.forward_reference or spec.method, "single", spec.seed)
 
 
 def config_hash(tree: dict[str, Any]) -> str:
@@ -162,7 +177,8 @@ def execute(spec: RunSpec, tree: dict[str, Any], run_dir: Path, threads: int | N
         **asdict(spec),
         "config_hash": config_hash(tree),
         "rouge_l": scores.get("rouge_l"),
-        "continual": scores.get("continual") or {},
+        "tasks": scores["tasks"],
+        "matrix": scores["matrix"],
         "final": {task: s["rouge_l"] for task, s in scores["final"].items()},
         "step_s": step_seconds(run_dir / "metrics.jsonl"),
         "peak_rss_mib": usage.ru_maxrss / 1024,  # Linux: KiB; this child only (wait4)
@@ -187,25 +203,37 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
 
 
+def run_metrics(suite: Suite, rec: dict[str, Any], records: dict[str, dict]) -> dict[str, float]:
+    """Forward / Forget / Backward of one run from its score matrix, with this checkout's definitions
+    (training.eval, default convention), so that every row of a table is scored the same way."""
+    single_rec = records.get(single_spec(suite, RunSpec(rec["method"], rec["mode"], rec["seed"])).key)
+    single = [single_rec["final"][t] for t in rec["tasks"]] if single_rec else None
+    if rec["mode"] == "sequential" and len(rec["matrix"]) == len(rec["tasks"]) > 1:
+        return continual_metrics(rec["matrix"], single)
+    if rec["mode"] == "mixed" and single:
+        return {"forward": mixed_forward([rec["final"][t] for t in rec["tasks"]], single)}
+    return {}
+
+
 def summarize(suite: Suite, records: dict[str, dict]) -> list[dict[str, Any]]:
     """One row per method: metric -> (mean, std) over seeds, plus s/step and peak memory."""
     rows = []
     for method in suite.methods:
-        runs = [r for r in records.values() if r["method"] == method]
+        runs = [r for r in records.values() if r["method"] == method and r["mode"] != "single"]
         if not runs:
             continue
-        mixed = [r for r in runs if r["mode"] == "mixed"]
-        seq = [r for r in runs if r["mode"] == "sequential"]
+        mixed = [(r, run_metrics(suite, r, records)) for r in runs if r["mode"] == "mixed"]
+        seq = [(r, run_metrics(suite, r, records)) for r in runs if r["mode"] == "sequential"]
         steps = [r["step_s"] for r in runs if r["step_s"] is not None]
         rows.append(
             {
                 "method": method,
-                "rouge_mixed": mean_std([r["rouge_l"] for r in mixed]),
-                "forward_mixed": mean_std([r["continual"].get("forward") for r in mixed]),
-                "rouge_seq": mean_std([r["rouge_l"] for r in seq]),
-                "forward_seq": mean_std([r["continual"].get("forward") for r in seq]),
-                "backward": mean_std([r["continual"].get("backward") for r in seq]),
-                "forget": mean_std([r["continual"].get("forget_rate") for r in seq]),
+                "rouge_mixed": mean_std([r["rouge_l"] for r, _ in mixed]),
+                "forward_mixed": mean_std([m.get("forward") for _, m in mixed]),
+                "rouge_seq": mean_std([r["rouge_l"] for r, _ in seq]),
+                "forward_seq": mean_std([m.get("forward") for _, m in seq]),
+                "backward": mean_std([m.get("backward") for _, m in seq]),
+                "forget": mean_std([m.get("forget_rate") for _, m in seq]),
                 "step_s": statistics.fmean(steps) if steps else None,
                 "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
                 "seeds": sorted({r["seed"] for r in runs}),
@@ -283,7 +311,13 @@ def write_outputs(suite_name: str, suite: Suite, records: dict[str, dict], out_d
     table = markdown_table(suite_name, suite, rows, machine)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"quality-{suite_name}"
-    payload = {"suite": suite_name, "suite_config": suite.model_dump(), "machine": machine, "rows": rows}
+    payload = {
+        "suite": suite_name,
+        "suite_config": suite.model_dump(),
+        "machine": machine,
+        "metrics_convention": DEFAULT_CONVENTION,
+        "rows": rows,
+    }
     payload["runs"] = records
     tmp = stem.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2))

@@ -75,31 +75,57 @@ def test_step_seconds_uses_consecutive_steps_within_a_stage(tmp_path: Path) -> N
     assert quality.step_seconds(path) == pytest.approx(3.0)  # (2 + 4) / 2; the eval gap is not a step
 
 
-def _record(method: str, mode: str, seed: int, rouge: float, **continual: float) -> dict:
+def _record(method: str, mode: str, seed: int, matrix: list[list[float]]) -> dict:
+    tasks = ["t0", "t1"]
+    rouge = sum(matrix[-1]) / len(tasks)
     return {
         "method": method,
         "mode": mode,
         "seed": seed,
         "rouge_l": rouge,
-        "continual": continual,
+        "tasks": tasks,
+        "matrix": matrix,
+        "final": dict(zip(tasks, matrix[-1], strict=True)),
         "step_s": 1.0 + seed,
         "peak_rss_mib": 100.0 * (seed + 1),
     }
 
 
-def test_summarize_mean_and_std_over_seeds() -> None:
+def test_summarize_mean_and_std_over_seeds_with_metrics_from_the_matrix() -> None:
     records = {
-        "a": _record("lora", "mixed", 0, 40.0, forward=-2.0),
-        "b": _record("lora", "mixed", 1, 44.0, forward=2.0),
-        "c": _record("lora", "sequential", 0, 30.0, backward=-5.0, forget_rate=6.0, forward=1.0),
+        "lora-single-s0": _record("lora", "single", 0, [[50.0, 30.0]]),
+        "lora-single-s1": _record("lora", "single", 1, [[50.0, 30.0]]),
+        "lora-mixed-s0": _record("lora", "mixed", 0, [[40.0, 40.0]]),
+        "lora-mixed-s1": _record("lora", "mixed", 1, [[44.0, 44.0]]),
+        "lora-sequential-s0": _record("lora", "sequential", 0, [[60.0, 0.0], [40.0, 50.0]]),
     }
     (row,) = quality.summarize(_suite(), records)
     assert row["rouge_mixed"][0] == pytest.approx(42.0)
     assert row["rouge_mixed"][1] == pytest.approx(2**0.5 * 2)
-    assert row["rouge_seq"] == (30.0, None) and row["forget"] == (6.0, None)
+    assert row["forward_mixed"][0] == pytest.approx(2.0)  # 42 - mean(50, 30)
+    assert row["rouge_seq"] == (45.0, None)
+    # forward (sequential): mean(a[i][i] - single[i]) = ((60 - 50) + (50 - 30)) / 2
+    assert row["forward_seq"][0] == pytest.approx(15.0)
+    assert row["forget"][0] is not None and row["backward"][0] is not None
     assert row["step_s"] == pytest.approx(4 / 3) and row["peak_rss_mib"] == 200.0
     table = quality.markdown_table("t", _suite(), [row], {"description": "here"})
-    assert "| lora | 42.00 ± 2.83 | 0.00 ± 2.83 | 30.00 | 1.00 | -5.00 | 6.00 |" in table
+    # authors' scorer: Backward = mean over all T of a[T-1][i] - a[i][i]; Forget = peak over earlier stages - final
+    assert (
+        "| lora | 42.00 ± 2.83 | 2.00 ± 2.83 | 45.00 | 15.00 | -10.00 | 20.00 | 1.33 | 200 | 0,1 |" in table
+    )
+
+
+def test_forward_reference_shares_one_single_run_per_seed() -> None:
+    suite = _suite(forward_reference="lora", seeds=[0])
+    keys = [s.key for s in quality.plan(suite, None)]
+    assert keys == [
+        "lora-single-s0",
+        "lora-mixed-s0",
+        "lora-sequential-s0",
+        "badit-mixed-s0",
+        "badit-sequential-s0",
+    ]
+    assert quality.single_spec(suite, quality.RunSpec("badit", "mixed", 0)).key == "lora-single-s0"
 
 
 @pytest.mark.slow
