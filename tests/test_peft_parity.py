@@ -67,3 +67,21 @@ def test_pissa_matches_peft(tiny_model_dirs: dict[str, Path], family: str) -> No
         torch.testing.assert_close(layer.base.weight, peft_layer.base_layer.weight, atol=1e-6, rtol=1e-6)
     ids = torch.randint(3, 1000, (2, 10), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_olora_matches_peft(tiny_model_dirs: dict[str, Path], family: str) -> None:
+    """`olora` is peft's init_lora_weights="olora" (the authors' config/olora.config): QR factors, residual base."""
+    rank, alpha = 4, 32.0
+    ours = apply_adapters(
+        _load(tiny_model_dirs[family]), AdapterConfig(method="olora", rank=rank, alpha=alpha, dropout=0.0)
+    )
+    theirs = _peft_model(tiny_model_dirs[family], "olora", rank, alpha)
+    for layer, peft_layer in zip(adapted_layers(ours).values(), _peft_layers(theirs), strict=True):
+        torch.testing.assert_close(layer.lora_a, peft_layer.lora_A["default"].weight, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(layer.lora_b, peft_layer.lora_B["default"].weight, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(layer.base.weight, peft_layer.base_layer.weight, atol=1e-6, rtol=1e-6)
+        eye = torch.eye(rank)
+        torch.testing.assert_close(layer.lora_b.t() @ layer.lora_b, eye, atol=1e-5, rtol=0)  # orthonormal B
+    ids = torch.randint(3, 1000, (2, 10), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-5, rtol=1e-5)

@@ -192,6 +192,18 @@ def dense_tensors(model: nn.Module, mean_weights: dict[str, list[float]]) -> dic
     return tensors
 
 
+def check_servable(model: nn.Module) -> None:
+    """ExportError unless badit_serve's routed math computes every adapted layer (GainLoRA's gates: no)."""
+    for name, layer in adapted_layers(model).items():
+        if not layer.servable:
+            method = getattr(model, ADAPTER_CONFIG_ATTR).method
+            raise ExportError(
+                f"adapter.method={method!r} cannot be exported: layer {name} ({type(layer).__name__}) weighs "
+                "its branches with a learned gate that the export format's routers (topk, dense, none) do "
+                "not compute; evaluate it with badit-train instead"
+            )
+
+
 def export_model(
     model: nn.Module,
     model_dir: Path,
@@ -202,6 +214,7 @@ def export_model(
     force: bool = False,
 ) -> Path:
     """Write `model` (adapted, from the base directory `model_dir`) as a self-contained export."""
+    check_servable(model)
     config = model.config.to_dict()
     config.pop("badit", None)
     copy_files = [model_dir / f for f in COPIED_MODEL_FILES if (model_dir / f).is_file()]
@@ -227,6 +240,7 @@ def export_adapter(
 ) -> Path:
     """Write only the experts, routers and routing table of `model` (see `badit_serve.adapter`), with the
     fingerprint of the base in `model_dir`. Refused when a residual differs from the base weight."""
+    check_servable(model)
     block = badit_block(model)
     check_shareable(block)
     base = read_base_tensors(Path(model_dir), [f"{m}.weight" for m in block.adapted_modules])

@@ -126,7 +126,15 @@ def _dog_hook(adapter: AdapterConfig) -> TrainerHook | None:
     return DogHook(adapter.dog) if adapter.resolved().dog else None
 
 
-HOOK_FACTORIES: list[Callable[[AdapterConfig], TrainerHook | None]] = [_dog_hook]
+def _branch_hook(adapter: AdapterConfig) -> TrainerHook | None:
+    if adapter.resolved().branching is None:
+        return None
+    from training.branch_hooks import BranchHook  # it subclasses TrainerHook: imported late, no cycle
+
+    return BranchHook(adapter.branches)
+
+
+HOOK_FACTORIES: list[Callable[[AdapterConfig], TrainerHook | None]] = [_dog_hook, _branch_hook]
 """Hooks a run installs from its adapter config, in call order."""
 
 

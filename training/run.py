@@ -44,6 +44,16 @@ NAMED_ORDERS = {
 """Task orders of the SuperNI README (SAPT and GainLoRA scripts), by task number."""
 
 
+def _check_branches(cfg: RunConfig, num_stages: int) -> None:
+    """Per-task-branch methods (o-lora, gainlora) need a branch for every sequential stage."""
+    needed = num_stages if cfg.train.mode == "sequential" else 1
+    if cfg.adapter.resolved().branching is not None and cfg.adapter.branches.count < needed:
+        raise RunError(
+            f"adapter.method={cfg.adapter.method!r} trains one branch per task: adapter.branches.count="
+            f"{cfg.adapter.branches.count} is less than the {needed} sequential stages"
+        )
+
+
 class RunError(RuntimeError):
     """A run that cannot start (e.g. a run directory with results and no --force)."""
 
@@ -147,6 +157,7 @@ class RunRecipe:
             if mode == "mixed"
             else [PlannedStage(t.name, [t]) for t in self.ordered]
         )
+        _check_branches(cfg, len(self.stages))
         self.resume_state = state
         progress = state.progress if state else RunProgress()
         self.progress = dataclasses.replace(progress, order=tuple(t.name for t in self.ordered))

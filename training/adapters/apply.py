@@ -8,24 +8,34 @@ import torch
 from torch import nn
 
 from badit_serve.architectures import SUPPORTED_MODEL_TYPES
+from training.adapters.branches import BranchLinear, GatedBranchLinear
 from training.adapters.config import AdapterConfig
 from training.adapters.layer import LayerSpec, RoutedAdapterLinear, StoredInit
 
 ADAPTER_CONFIG_ATTR = "badit_adapter_config"
+LAYER_CLASSES: dict[str | None, type[RoutedAdapterLinear]] = {
+    None: RoutedAdapterLinear,
+    "sum": BranchLinear,
+    "gated": GatedBranchLinear,
+}
+"""Layer class per branching kind (None: the routed experts of Badit, LoRA, PiSSA, OLoRA, LoRAMoE)."""
 
 
 def layer_spec(config: AdapterConfig) -> LayerSpec:
-    """The per-layer spec that an `AdapterConfig` resolves to."""
+    """The per-layer spec that an `AdapterConfig` resolves to. O-LoRA's summed branches are one expert of
+    rank branches x r (branch b = rows [b*r, (b+1)*r) of A), which is what makes them a plain servable LoRA."""
     r = config.resolved()
     return LayerSpec(
         num_experts=r.num_experts,
-        rank=config.rank,
+        rank=config.rank * (config.branches.count if r.branching == "sum" else 1),
         top_k=r.top_k,
         scaling=r.alpha / config.rank,
         gate_scale=r.gate_scale,
         router=r.router,
         init="bad-residual" if r.init == "pissa" else r.init,
         dropout=config.dropout,
+        branching=r.branching,
+        branch_rank=config.rank,
     )
 
 
@@ -61,8 +71,8 @@ def apply_adapters(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         stored = StoredInit.from_state(stored_state, name) if stored_state is not None else None
-        adapted = RoutedAdapterLinear(module, spec, generator=generator, stored=stored)
-        adapted = adapted.to(module.weight.device)
+        layer_cls = LAYER_CLASSES[spec.branching]
+        adapted = layer_cls(module, spec, generator=generator, stored=stored).to(module.weight.device)
         adapted.train(module.training)  # a new module defaults to training mode (dropout on)
         setattr(parent, child, adapted)
     setattr(model, ADAPTER_CONFIG_ATTR, config)

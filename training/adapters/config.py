@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from badit_serve.routing import RouterMode
 
-InitMode = Literal["bad", "bad-residual", "lora", "pissa"]
+InitMode = Literal["bad", "bad-residual", "lora", "pissa", "olora"]
+Branching = Literal["sum", "gated"]
+"""Per-task branches: 'sum' (O-LoRA: every branch weight 1) or 'gated' (GainLoRA: a learned gate each)."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class MethodPreset:
     gate_scale_top_k: bool = False
     """Default gate_scale = top_k (Badit: uniform logits give each selected expert weight 1), else 1."""
     about: str = ""
+    branching: Branching | None = None
+    """Per-task branches (O-LoRA, GainLoRA), one per training stage; None for routed experts."""
 
 
 METHODS: dict[str, MethodPreset] = {
@@ -41,6 +45,11 @@ METHODS: dict[str, MethodPreset] = {
     "loramoe_dense": MethodPreset(8, 8, "lora", "dense", False, False, "LoRA experts, dense softmax router"),
     "lora": MethodPreset(1, 1, "lora", "none", False, False, "one LoRA expert"),
     "pissa": MethodPreset(1, 1, "pissa", "none", False, False, "one expert, top-r SVD components"),
+    "olora": MethodPreset(1, 1, "olora", "none", False, False, "one expert, peft's QR (OLoRA) init"),
+    "o-lora": MethodPreset(1, 1, "lora", "none", False, False, "O-LoRA: orthogonal per-task branches", "sum"),
+    "gainlora": MethodPreset(
+        1, 1, "lora", "dense", False, False, "GainLoRA: gated per-task branches", "gated"
+    ),
 }
 """The method registry: adding a method is one entry here."""
 
@@ -56,6 +65,7 @@ class ResolvedAdapter:
     alpha: float
     gate_scale: float
     dog: bool
+    branching: Branching | None = None
 
 
 class DogConfig(BaseModel):
@@ -80,6 +90,20 @@ class DogConfig(BaseModel):
     """Seed of the k-means++ initialisation (identical on every data-parallel rank)."""
 
 
+class BranchConfig(BaseModel):
+    """Per-task branches of the continual-learning baselines (O-LoRA, GainLoRA): one LoRA branch of rank
+    `adapter.rank` per training stage; earlier branches are frozen while a later stage trains."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    count: int = Field(1, ge=1, le=64)
+    """Branches allocated; at least the number of sequential stages (mixed and single use one)."""
+    orthogonal_lambda: float = Field(0.5, ge=0.0, le=100.0)
+    """Weight of O-LoRA's loss sum_layers |A_earlier A_current^T|_1 (the O-LoRA scripts use 0.5)."""
+    gate_energy: float = Field(0.95, gt=0.0, lt=1.0)
+    """GainLoRA: fraction of earlier tasks' input energy whose subspace new gates are kept orthogonal to."""
+
+
 class AdapterConfig(BaseModel):
     """Which layers get routed experts, how many, how they are initialised and routed.
 
@@ -90,8 +114,9 @@ class AdapterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     method: str = "badit"
-    """Preset from `METHODS`: badit (BAD init + top-k router + DOG), lora, pissa, loramoe (Badit's router,
-    LoRA init, no DOG), loramoe_dense (dense softmax router), badit_no_dog, badit_no_bad."""
+    """Preset from `METHODS`: badit (BAD init + top-k router + DOG), lora, pissa, olora (peft's QR init),
+    loramoe (Badit's router, LoRA init, no DOG), loramoe_dense (dense softmax router), badit_no_dog,
+    badit_no_bad, o-lora (orthogonal per-task branches), gainlora (gated per-task branches)."""
     target_modules: list[str] = Field(default_factory=lambda: ["gate_proj"], min_length=1)
     """Names (last path component) of the nn.Linear modules to adapt, e.g. ['gate_proj']."""
     num_experts: int | None = Field(None, ge=1, le=256)
@@ -106,7 +131,7 @@ class AdapterConfig(BaseModel):
     """Dropout on the adapter input (training only)."""
     init: InitMode | None = None
     """Expert initialisation: bad (SVD delta, exact at init), bad-residual (paper's literal residual,
-    not exact under top-k), lora (A Kaiming, B zero), pissa (K=1 SVD residual)."""
+    not exact under top-k), lora (A Kaiming, B zero), pissa (K=1 SVD residual), olora (K=1 QR residual)."""
     router: RouterMode | None = None
     """topk (softmax over the selected logits), dense (softmax over all K), none (K=1, weight 1)."""
     gate_scale: float | None = Field(None, gt=0, le=256)
@@ -116,6 +141,8 @@ class AdapterConfig(BaseModel):
     """Weight of the load-balancing auxiliary loss (0 disables it)."""
     dog: DogConfig = Field(default_factory=DogConfig)
     """Regrouping settings (only used by methods with DOG)."""
+    branches: BranchConfig = Field(default_factory=BranchConfig)
+    """Per-task branch settings (only used by o-lora and gainlora)."""
 
     @field_validator("method")
     @classmethod
@@ -127,10 +154,15 @@ class AdapterConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> AdapterConfig:
         r = self.resolved()
+        if r.branching is not None and (self.num_experts, self.top_k, self.router) != (None, None, None):
+            raise ValueError(
+                f"adapter.method={self.method!r} has one branch per task: set adapter.branches.count, "
+                "not adapter.num_experts / top_k / router"
+            )
         if r.top_k > r.num_experts:
             raise ValueError(f"adapter.top_k={r.top_k} exceeds adapter.num_experts={r.num_experts}")
-        if r.init == "pissa" and r.num_experts != 1:
-            raise ValueError("adapter.init='pissa' needs adapter.num_experts=1 (use 'bad' for K>1)")
+        if r.init in ("pissa", "olora") and r.num_experts != 1:
+            raise ValueError(f"adapter.init={r.init!r} needs adapter.num_experts=1 (use 'bad' for K>1)")
         if r.router == "none" and r.num_experts != 1:
             raise ValueError("adapter.router='none' needs adapter.num_experts=1")
         return self
@@ -138,7 +170,8 @@ class AdapterConfig(BaseModel):
     def resolved(self) -> ResolvedAdapter:
         """The method preset merged with the explicitly given fields."""
         p = METHODS[self.method]
-        num_experts = self.num_experts if self.num_experts is not None else p.num_experts
+        preset_experts = self.branches.count if p.branching == "gated" else p.num_experts  # a gate per branch
+        num_experts = self.num_experts if self.num_experts is not None else preset_experts
         router = self.router if self.router is not None else p.router
         default_top_k = num_experts if router in ("dense", "none") else min(p.top_k, num_experts)
         top_k = self.top_k if self.top_k is not None else default_top_k
@@ -152,4 +185,5 @@ class AdapterConfig(BaseModel):
             if self.gate_scale is not None
             else (float(top_k) if p.gate_scale_top_k else 1.0),
             dog=p.dog and self.dog.enabled,
+            branching=p.branching,
         )

@@ -1,4 +1,4 @@
-"""Expert initialisations: BAD (SVD blocks), its literal residual form, LoRA and PiSSA.
+"""Expert initialisations: BAD (SVD blocks), its literal residual form, LoRA, PiSSA and OLoRA.
 
 Notation: W (d_out, d_in) = U diag(S) Vh. With scaling s, component i of the top N = K*r gets
 a_i = sqrt(S_i / s) * Vh_i (a row of A) and b_i = sqrt(S_i / s) * U[:, i] (a column of B), so that
@@ -32,3 +32,15 @@ def kaiming_lora_a(rows: int, d_in: int, generator: torch.Generator | None = Non
     """LoRA's A init: Kaiming-uniform with a = sqrt(5) (peft's `init_lora_weights=True`), bound 1/sqrt(d_in)."""
     bound = 1.0 / math.sqrt(d_in)  # gain sqrt(2 / (1 + 5)) * sqrt(3 / d_in)
     return torch.empty(rows, d_in).uniform_(-bound, bound, generator=generator)
+
+
+def olora_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """OLoRA (peft's `init_lora_weights="olora"`): W = Q R in float32; A = R[:r] (r, d_in) and
+    B = Q[:, :r] (d_out, r), orthonormal columns. The caller subtracts s * B A from the frozen weight."""
+    d_out, d_in = weight.shape
+    if rank > min(d_out, d_in):
+        raise ValueError(
+            f"rank {rank} exceeds min(d_out, d_in) = {min(d_out, d_in)} of a {tuple(weight.shape)} weight"
+        )
+    q, r = torch.linalg.qr(weight.detach().float())  # (d_out, m), (m, d_in)
+    return r[:rank].contiguous(), q[:, :rank].contiguous()  # (r, d_in), (d_out, r)

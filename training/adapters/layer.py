@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from badit_serve.routing import RouterMode, routed_delta, router_logits, routing_weights
-from training.adapters.init import kaiming_lora_a, top_singular_components
+from training.adapters.init import kaiming_lora_a, olora_factors, top_singular_components
 
 
 def float32_region(x: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -30,6 +31,10 @@ class LayerSpec:
     router: RouterMode
     init: str
     dropout: float
+    branching: str | None = None
+    """Per-task branches: 'sum' (O-LoRA) or 'gated' (GainLoRA); None for routed experts."""
+    branch_rank: int = 0
+    """Rank of one per-task branch (rows [b*branch_rank, (b+1)*branch_rank) of A are branch b)."""
 
     @property
     def num_components(self) -> int:
@@ -75,6 +80,9 @@ class RoutedAdapterLinear(nn.Module):
     Buffers: `lora_a0`/`lora_b0` (delta form only), `component_ids` (K*r,) — each slot's original SVD
     index (or its initial slot for LoRA init) — and `singular_values` (K*r,), both moved by regrouping.
     """
+
+    servable: ClassVar[bool] = True
+    """Whether the export format (badit_serve's routed math) computes this layer; subclasses may say no."""
 
     def __init__(
         self,
@@ -131,6 +139,12 @@ class RoutedAdapterLinear(nn.Module):
             self.singular_values.copy_(stored.singular_values)
             self.lora_a0, self.lora_b0 = stored.lora_a0.float().clone(), stored.lora_b0.float().clone()
             return self.lora_a0.clone(), self.lora_b0.clone()
+        if spec.init == "olora":  # peft's OLoRA: QR factors; the frozen weight keeps the residual
+            lora_a, lora_b = olora_factors(base.weight, n)
+            with torch.no_grad():
+                residual = base.weight.float() - spec.scaling * (lora_b @ lora_a)  # (d_out, d_in)
+                base.weight.copy_(residual.to(base.weight.dtype))
+            return lora_a, lora_b
         # bad, bad-residual, pissa: the top K*r singular components
         lora_a, lora_b, sing = top_singular_components(base.weight, n, spec.scaling)
         self.singular_values.copy_(sing)

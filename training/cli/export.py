@@ -17,6 +17,7 @@ from training.config import ConfigError, RunConfig, load_config
 from training.data import DataError, Task, encode_eval_prompts, load_tasks
 from training.eval import evaluate_tasks
 from training.export import (
+    check_servable,
     export_adapter,
     export_dense,
     export_model,
@@ -59,6 +60,7 @@ def export_run(
     model_dir = resolve_model(cfg.model.name_or_path)
     state = load_checkpoint(checkpoint)
     model = build_model(cfg, model_dir, device=torch.device("cpu"), stored_state=state.adapter)
+    check_servable(model)
     restore_training_state(state, model)
     model.eval()
     history = [
