@@ -33,6 +33,7 @@ from training.eval import DEFAULT_CONVENTION, continual_metrics, mixed_forward
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = Path(__file__).resolve().parent / "suites"
+CONFIGS = ROOT / "configs"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 Mode = Literal["mixed", "sequential"]
@@ -45,8 +46,10 @@ class Suite(BaseModel):
 
     description: str
     """One line shown above the table."""
+    config: str | None = None
+    """A file in configs/ every run starts from (its `base:` chain included), e.g. superni15_mixed.yaml."""
     base: dict[str, Any] = Field(default_factory=dict)
-    """A run-config tree (configs/*.yaml layout) shared by every run."""
+    """A run-config tree (configs/*.yaml layout) laid over `config`, shared by every run."""
     methods: dict[str, dict[str, Any]] = Field(min_length=1)
     """Method label -> run-config tree merged over `base` (usually just `adapter`)."""
     modes: list[Mode] = Field(default_factory=lambda: ["mixed", "sequential"], min_length=1)
@@ -111,6 +114,8 @@ def plan(suite: Suite, methods: list[str] | None) -> list[RunSpec]:
 def run_tree(suite: Suite, spec: RunSpec, run_dir: Path, runs_root: Path) -> dict[str, Any]:
     """The run-config tree of one run (before badit-train's own validation)."""
     tree = merge(suite.base, suite.methods[spec.method])
+    if suite.config is not None:
+        tree = {"base": str(CONFIGS / suite.config), **tree}
     train: dict[str, Any] = {"mode": spec.mode, "seed": spec.seed}
     if spec.mode == "sequential":
         train["task_order"] = suite.task_order
@@ -129,6 +134,8 @@ def single_spec(suite: Suite, spec: RunSpec) -> RunSpec:
 def config_hash(tree: dict[str, Any]) -> str:
     """Identity of a run's settings (output paths excluded, so a moved runs dir still matches)."""
     clean = merge(tree, {"output": {"dir": None}, "eval": {"single_run": None}})
+    if "base" in clean:
+        clean["base"] = Path(clean["base"]).name
     return hashlib.sha256(json.dumps(clean, sort_keys=True).encode()).hexdigest()[:16]
 
 
