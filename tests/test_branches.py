@@ -110,6 +110,7 @@ def _cfg(model_dir: Path, superni_dir: Path, out: Path, method: str, mode: str, 
         "train.max_steps": 3,
         "train.lr": 0.01,
         "eval.enabled": "false",
+        "eval.max_new_tokens": 4,
         "output.dir": str(out),
         **extra,
     }
@@ -119,9 +120,10 @@ def _cfg(model_dir: Path, superni_dir: Path, out: Path, method: str, mode: str, 
 def _stage_states(run_dir: Path) -> list[dict[str, torch.Tensor]]:
     """Adapter state after each stage (the stage-end checkpoints, oldest first)."""
     steps = sorted(run_dir.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return [load_checkpoint(p)["adapter"] for p in steps]
+    return [load_checkpoint(p).adapter for p in steps]
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("method", ["o-lora", "gainlora"])
 def test_later_stage_leaves_earlier_branches_untouched(
     tiny_model_dirs, superni_dir, tmp_path, method
@@ -156,6 +158,7 @@ def test_later_stage_leaves_earlier_branches_untouched(
             assert gain_gate(x, k1)[:, 0].abs().mean() > 1e-3  # while the first task's gate is not
 
 
+@pytest.mark.train
 def test_too_few_branches_for_the_stages_is_refused_before_training(
     tiny_model_dirs, superni_dir, tmp_path
 ) -> None:
@@ -172,6 +175,7 @@ def test_too_few_branches_for_the_stages_is_refused_before_training(
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+@pytest.mark.train
 def test_o_lora_in_mixed_mode_is_lora(tiny_model_dirs, superni_dir, tmp_path) -> None:
     """One stage trains one branch with no earlier branch to be orthogonal to: exactly LoRA."""
     states = {}
@@ -185,6 +189,7 @@ def test_o_lora_in_mixed_mode_is_lora(tiny_model_dirs, superni_dir, tmp_path) ->
         torch.testing.assert_close(states["o-lora"][key], value, atol=0, rtol=0)
 
 
+@pytest.mark.train
 def test_o_lora_exports_as_one_lora_and_gainlora_export_is_refused(
     tiny_model_dirs, superni_dir, tmp_path, capsys
 ) -> None:
