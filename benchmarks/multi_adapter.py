@@ -3,9 +3,9 @@
     flock /work/notes/engine.lock nice -n 0 .venv/bin/python benchmarks/multi_adapter.py \
         [--base DIR] [--adapters N] [--prompts 32] [--max-tokens 64] [--out PATH]
 
-Builds N adapter-only exports over the base (default: the prepared default model) from differently
-seeded BAD initialisations (synthetic: throughput does not depend on the expert values; the math runs in
-full either way) and one full export of the first, then runs, each in its own offline vLLM engine (one
+Builds N adapter-only exports over the base (default: the prepared default model): one BAD initialisation
+and N-1 copies with perturbed experts (synthetic: throughput does not depend on the expert values; the math
+runs in full either way) and one full export of the first, then runs, each in its own offline vLLM engine (one
 after another, same prompts, greedy, ignore_eos):
 
     full export                       today's single-export server (vLLM's compiled mode)
@@ -34,21 +34,31 @@ WORKER = Path(__file__).resolve()
 
 
 def _build(base: Path, root: Path, count: int) -> tuple[Path, list[Path]]:
-    """(full export of adapter 0, adapter dirs) over `base`."""
+    """(full export of adapter 0, adapter dirs) over `base`: adapter 0 from a BAD initialisation, the
+    others its copies with perturbed experts (one SVD initialisation instead of `count`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from badit_serve.adapter import load_adapter, write_adapter
     from training.adapters import AdapterConfig, apply_adapters
     from training.export import export_adapter, export_model
 
-    adapters, full = [], root / "full"
-    for i in range(count):
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        apply_adapters(model, AdapterConfig(method="badit"), seed=i)
-        adapters.append(export_adapter(model.eval(), base, root / f"a{i}"))
-        if i == 0:
-            export_model(model, base, full)
-        del model
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    apply_adapters(model, AdapterConfig(method="badit"), seed=0)
+    first = export_adapter(model.eval(), base, root / "a0")
+    full = export_model(model, base, root / "full")
+    loaded, generator = load_adapter(first), torch.Generator().manual_seed(0)
+    adapters = [first]
+    for i in range(1, count):
+        experts = {
+            m: {k: t + 0.01 * torch.randn(t.shape, generator=generator) for k, t in parts.items()}
+            for m, parts in loaded.experts.items()
+        }
+        adapters.append(
+            write_adapter(
+                root / f"a{i}", info=loaded.info, experts=experts, routing_table=loaded.routing_table
+            )
+        )
     return full, adapters
 
 
