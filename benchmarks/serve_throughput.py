@@ -158,10 +158,11 @@ def write_lora_adapter(base: Path, rank: int, out: Path) -> Path:
 
 def chat_prompts(count: int) -> list[list[dict]]:
     """`count` single-turn chats: the quickstart tasks' test instances, round robin."""
-    from training.config import DEFAULT_SUPERNI_DIR
-    from training.data.superni import load_task
+    from training.config import superni_dir_from_env
+    from training.data.superni import load_task, require_superni_dir
 
-    tasks = [load_task(DEFAULT_SUPERNI_DIR, name, max_train=1, max_test=count) for name in QUICKSTART_TASKS]
+    superni = require_superni_dir(superni_dir_from_env())
+    tasks = [load_task(superni, name, max_train=1, max_test=count) for name in QUICKSTART_TASKS]
     chats = []
     for i in range(count):
         task = tasks[i % len(tasks)]
@@ -437,6 +438,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    # The SuperNI data is read in place: $BADIT_SUPERNI_DIR, default ../shared/superni beside the repository.
+    os.environ.setdefault("BADIT_SUPERNI_DIR", str(ROOT.parent / "shared" / "superni"))
     from badit_serve.export_io import load_export
     from training.model_store import resolve_model
 
