@@ -380,3 +380,49 @@ def test_overload_gets_503_with_retry_after_and_the_rest_complete(server: Server
     assert all(r.retry_after == "5" for r in busy)
     assert all(r.done and r.usage["completion_tokens"] == 200 for r in results if r.status == 200)
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+def test_schema_fuzz_of_the_openai_routes_finds_no_server_error(server: Server) -> None:
+    """schemathesis against vLLM's own OpenAPI document, bounded in time; then the server still serves."""
+    report = server.log.with_name("schemathesis.xml")
+    command = [
+        str(Path(sys.executable).with_name("schemathesis")),
+        "run",
+        f"{server.url}/openapi.json",
+        "--header",
+        f"Authorization: Bearer {API_KEY}",
+        "--checks",
+        "not_a_server_error",
+        "--include-path-regex",
+        FUZZ_PATHS,
+        "--max-time",
+        str(FUZZ_SECONDS),
+        "--max-examples",
+        "40",
+        "--workers",
+        "1",  # hypothesis' lambda descriptions hit a CPython 3.11 ast race with several workers
+        "--phases",
+        "examples,fuzzing",
+        "--request-timeout",
+        "60",
+        "--seed",
+        "15",
+        "--generation-database",
+        "none",
+        "--report",
+        "junit",
+        "--report-junit-path",
+        str(report),
+        "--no-color",
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=FUZZ_SECONDS + 240, cwd=report.parent
+    )
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    assert server.client().completions.create(model=MODEL, prompt="after fuzz", max_tokens=2).usage
+    print(done.stdout[-1500:])
+
+
+FUZZ_PATHS = r"^/v1/(chat/completions|completions|models|badit/experts)$|^/(tokenize|detokenize|invocations)$"
+FUZZ_SECONDS = 60
