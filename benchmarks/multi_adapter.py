@@ -1,6 +1,6 @@
 """Many adapters over one base: throughput of a mixed load with 1, 4 and 8 adapters, and adapter size.
 
-    flock /work/notes/engine.lock nice -n 0 .venv/bin/python benchmarks/multi_adapter.py \
+    .venv/bin/python benchmarks/multi_adapter.py \
         [--base DIR] [--adapters N] [--prompts 32] [--max-tokens 64] [--out PATH]
 
 Builds N adapter-only exports over the base (default: the prepared default model): one BAD initialisation
