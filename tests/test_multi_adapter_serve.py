@@ -29,13 +29,14 @@ from badit_serve.adapter import ADAPTER_WEIGHTS_FILE
 from badit_serve.reference import load_reference_adapter
 from tests.badit_exports import make_adapter
 from tests.test_serve import _free_port, _stop
-from tests.tiny_models import build_tiny_model
+from tests.tiny_models import TINY_VOCAB, build_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
 
 API_KEY = "sk-badit-multi"
 BASE = "tiny-base"
-PROMPTS = [[1, 5, 9, 200, 33], [1, 77, 78], [1, 4000, 12, 901, 17, 17, 3500, 42], [1, 31999, 7]]
+# Token ids inside the tiny tokenizer's vocabulary (the last id included).
+PROMPTS = [[1, 5, 9, 200, 33], [1, 77, 78], [1, 4000, 12, 901, 17, 17, 3500, 42], [1, TINY_VOCAB - 1, 7]]
 MAX_TOKENS = 8
 TOP_K = 4
 STARTUP_TIMEOUT_S = 300
