@@ -18,6 +18,7 @@ import torch
 
 from badit_serve.reference import load_reference_model
 from tests.badit_exports import make_export
+from tests.tiny_models import TINY_VOCAB
 
 LOGPROB_ATOL = 1e-3
 """Both sides compute in float32; observed differences are ~1e-5 (llama, qwen3) to ~2e-4 (gemma2)."""
@@ -25,7 +26,8 @@ BF16_LOGPROB_ATOL = 0.1
 """vLLM in bfloat16 (8 mantissa bits in every weight and activation) vs the float32 reference, per token of
 the tiny models' 12 greedy tokens (observed: see test_vllm_bfloat16_stays_close_to_the_float32_reference)."""
 MAX_TOKENS = 12
-PROMPTS = [[1, 5, 9, 200, 33], [1, 77, 78], [1, 4000, 12, 901, 17, 17, 3500, 42, 8, 640], [1, 31999]]
+# Token ids inside the tiny tokenizer's vocabulary (the last id included).
+PROMPTS = [[1, 5, 9, 200, 33], [1, 77, 78], [1, 4000, 12, 901, 17, 17, 3500, 42, 8, 640], [1, TINY_VOCAB - 1]]
 WORKER = Path(__file__).with_name("vllm_generate.py")
 
 
