@@ -1,7 +1,7 @@
 """Serving throughput of a Badit export against its base model and vLLM's native LoRA of the same rank.
 
-One command (run it under the engine lock on a shared machine):
-    flock /work/notes/engine.lock nice -n 0 .venv/bin/python benchmarks/serve_throughput.py [--export DIR]
+One command (on a quiet machine):
+    .venv/bin/python benchmarks/serve_throughput.py [--export DIR]
 
 Rows, each a fresh engine in its own process, the same engine settings and prompts, interleaved over
 `--rounds` rounds (the best round counts; the machine may be shared):
