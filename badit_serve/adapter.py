@@ -122,10 +122,14 @@ def read_base_tensors(base_dir: Path, names: list[str]) -> dict[str, torch.Tenso
     return tensors
 
 
-def base_dir_fingerprint(base_dir: Path, modules: list[str]) -> str:
-    """`base_fingerprint` of a base model directory for the given adapted modules."""
+def base_dir_fingerprint(
+    base_dir: Path, modules: list[str], tensors: dict[str, torch.Tensor] | None = None
+) -> str:
+    """`base_fingerprint` of a base model directory for the given adapted modules; `tensors`: their
+    weights already read with `read_base_tensors` (read here when None)."""
     config = _read_json(base_dir / "config.json")
-    tensors = read_base_tensors(base_dir, [f"{m}.weight" for m in modules])
+    if tensors is None:
+        tensors = read_base_tensors(base_dir, [f"{m}.weight" for m in modules])
     return base_fingerprint(config, {m: tensors[f"{m}.weight"] for m in modules})
 
 

@@ -22,46 +22,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from badit_serve.expert_metrics import UNLABELLED, LayerTotals, layer_label
+from badit_serve.expert_metrics import UNLABELLED, ExpertCounters, LayerTotals, layer_label, make_counters
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter
-
     from badit_serve.vllm_models.adapter_slots import BaditSlotsGateUp
 
 
-@dataclass(frozen=True)
-class AdapterCounters:
-    tokens: Counter
-    tokens_by_ability: Counter
-    router_weight_sum: Counter
-
-
 @lru_cache(maxsize=1)
-def adapter_counters() -> AdapterCounters:
-    """The counters of multi-adapter mode (never created in the same process as expert_counters())."""
-    from prometheus_client import Counter
-
-    def counter(name: str, doc: str, labels: list[str]) -> Counter:
-        return Counter(name, doc, labels, registry=None)
-
-    return AdapterCounters(
-        tokens=counter(
-            "badit_expert_tokens",
-            "Tokens routed to each expert, per adapter and layer.",
-            ["adapter", "layer", "expert"],
-        ),
-        tokens_by_ability=counter(
-            "badit_expert_tokens_by_ability",
-            "Tokens routed to each expert, summed over layers, per adapter and ability label.",
-            ["adapter", "expert", "label"],
-        ),
-        router_weight_sum=counter(
-            "badit_router_weight_sum",
-            "Sum of each expert's routing weights, per adapter and layer.",
-            ["adapter", "layer", "expert"],
-        ),
-    )
+def adapter_counters() -> ExpertCounters:
+    """The counters of multi-adapter mode, labelled by adapter (never created in the same process as
+    expert_counters(): the series share their names)."""
+    return make_counters(("adapter",))
 
 
 @dataclass

@@ -42,32 +42,36 @@ class ExpertCounters:
     router_weight_sum: Counter
 
 
-@lru_cache(maxsize=1)
-def expert_counters() -> ExpertCounters:
-    """The three counters, created once per process (not in the default registry: in multiprocess mode
-    the API server's collector reads them from PROMETHEUS_MULTIPROC_DIR)."""
+def make_counters(scope: tuple[str, ...] = ()) -> ExpertCounters:
+    """The three counters with the extra leading labels `scope` (("adapter",) in multi-adapter mode), not in
+    the default registry: in multiprocess mode the API server's collector reads them from
+    PROMETHEUS_MULTIPROC_DIR."""
     from prometheus_client import Counter
 
+    def counter(name: str, doc: str, labels: list[str]) -> Counter:
+        return Counter(name, doc, [*scope, *labels], registry=None)
+
     return ExpertCounters(
-        tokens=Counter(
-            "badit_expert_tokens",
-            "Tokens routed to each expert of each Badit layer.",
-            ["layer", "expert"],
-            registry=None,
+        tokens=counter(
+            "badit_expert_tokens", "Tokens routed to each expert of each Badit layer.", ["layer", "expert"]
         ),
-        tokens_by_ability=Counter(
+        tokens_by_ability=counter(
             "badit_expert_tokens_by_ability",
             "Tokens routed to each expert, summed over layers, labelled by the expert's ability.",
             ["expert", "label"],
-            registry=None,
         ),
-        router_weight_sum=Counter(
+        router_weight_sum=counter(
             "badit_router_weight_sum",
             "Sum of each expert's routing weights per Badit layer.",
             ["layer", "expert"],
-            registry=None,
         ),
     )
+
+
+@lru_cache(maxsize=1)
+def expert_counters() -> ExpertCounters:
+    """The three counters of single-export mode, created once per process."""
+    return make_counters()
 
 
 def layer_label(module_name: str) -> str:

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM
 from badit_serve.adapter import ADAPTER_WEIGHTS_FILE
 from badit_serve.reference import load_reference_adapter
 from tests.badit_exports import make_adapter
-from tests.test_serve import _free_port, _stop
+from tests.server_process import free_port, stop, wait_healthy
 from tests.tiny_models import TINY_VOCAB, build_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
@@ -92,23 +92,6 @@ def _adapters(base: Path, root: Path, default_model_dir: Path) -> dict[str, Path
     return dirs
 
 
-def _wait_healthy(proc: subprocess.Popen, handle: MultiServer) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"badit-serve exited with {proc.returncode}:\n{handle.log.read_text()[-6000:]}")
-        try:
-            if httpx.get(f"{handle.url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"badit-serve not healthy after {STARTUP_TIMEOUT_S}s:\n{handle.log.read_text()[-6000:]}"
-            )
-        time.sleep(1)
-
-
 @pytest.fixture(scope="module")
 def server(
     tiny_model_dirs: dict[str, Path], default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
@@ -116,7 +99,7 @@ def server(
     root = tmp_path_factory.mktemp("multi")
     base = tiny_model_dirs["llama"]
     dirs = _adapters(base, root, default_model_dir)
-    port = _free_port()
+    port = free_port()
     command = [
         str(Path(sys.executable).with_name("badit-serve")),
         str(base),
@@ -152,10 +135,10 @@ def server(
         for name in ("a1", "a2", "a3"):
             reference = load_reference_adapter(base, dirs[name])
             handle.expected[name] = [_greedy(reference, p) for p in PROMPTS]
-        _wait_healthy(proc, handle)
+        wait_healthy(proc, handle.url, STARTUP_TIMEOUT_S, lambda: handle.log.read_text()[-6000:])
         yield handle
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def test_models_lists_adapters_with_the_base_as_parent(server: MultiServer) -> None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from badit_serve.export_io import load_export
 from tests.badit_exports import make_export
+from tests.server_process import free_port, stop, wait_healthy
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
 
@@ -55,29 +54,12 @@ class Server:
         return self.log.read_text(errors="replace")[-6000:]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server (it shuts its engine down), then SIGKILL its own process group if it lingers."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group started for this server only
-            proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("serve")
     export = make_export(tiny_model_dirs["llama"], root / "export", labelled=True)
     bundle = load_export(export)
-    port = _free_port()
+    port = free_port()
     command = [
         str(Path(sys.executable).with_name("badit-serve")),
         str(export),
@@ -105,22 +87,11 @@ def server(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
         f"http://127.0.0.1:{port}", export, log, bundle.block.top_k, bundle.routing_table.expert_labels, proc
     )
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"badit-serve exited with {proc.returncode}:\n{handle.log_tail()}")
-            try:
-                if httpx.get(f"{handle.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"badit-serve not healthy after {STARTUP_TIMEOUT_S}s:\n{handle.log_tail()}")
-            time.sleep(1)
+        wait_healthy(proc, handle.url, STARTUP_TIMEOUT_S, handle.log_tail)
         handle.initial_experts = _experts_json(handle)
         yield handle
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def _expert_tokens(server: Server) -> dict[str, dict[str, float]]:

@@ -257,7 +257,7 @@ def export_adapter(
         experts[module] = {
             k: v for k in ("lora_a", "lora_b", "router") if (v := tensors.get(f"{prefix}.{k}")) is not None
         }
-    fingerprint = base_dir_fingerprint(Path(model_dir), block.adapted_modules)
+    fingerprint = base_dir_fingerprint(Path(model_dir), block.adapted_modules, base)  # no second read
     info = AdapterInfo(block=block, base_fingerprint=fingerprint, base_model=str(model_dir))
     table = routing_table(model, dog_history, task_shares)
     return write_adapter(Path(out_dir), info=info, experts=experts, routing_table=table, force=force)
