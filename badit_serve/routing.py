@@ -15,6 +15,12 @@ Serving uses the same math in a cheaper arrangement (`ServedExperts`, built once
   cancellation of two large terms: safe in bfloat16;
 - the router and every A_e are one float32 matmul (router logits stay float32, so top-k matches the
   reference); the scaling s is folded into B; B runs in the model dtype and adds straight into the output.
+
+Several adapters served side by side are slots of one `ServedExperts` (`empty_slots`, `set_slot`,
+`reset_slot`), and each token names its slot (`SlotIndex`: -1 and padding rows get no delta). The slot
+matmuls take a dense form (every token runs every slot, keeps its own: S times the FLOPs, plain matmuls)
+or a grouped form (tokens sorted by slot, `torch._grouped_mm` with device-side offsets: one adapter's
+FLOPs); both have static shapes and no host sync. The single-export layer is the S = 1, no-index case.
 """
 
 from __future__ import annotations
@@ -142,6 +148,16 @@ class ServedExperts(nn.Module):
         self.num_router = num_router
         self.num_slots = num_slots
 
+    @property
+    def width(self) -> int:
+        """Rows of router_a per slot: N_router + K*R."""
+        return self.router_a.shape[0] // self.num_slots
+
+    @property
+    def slot_rank(self) -> int:
+        """Columns of lora_b per slot: K*R."""
+        return self.lora_b.shape[1] // self.num_slots
+
     @classmethod
     def build(
         cls,
@@ -160,57 +176,160 @@ class ServedExperts(nn.Module):
         return cls(rows.float().contiguous(), (b * scaling).to(dtype).contiguous(), num_router)
 
     @classmethod
-    def stack(cls, adapters: list[ServedExperts]) -> ServedExperts:
-        """Several single adapters of the same shapes as the slots 0..S-1 of one stacked form."""
-        first = adapters[0]
-        if any(
-            e.router_a.shape != first.router_a.shape or e.lora_b.shape != first.lora_b.shape for e in adapters
-        ):
-            raise ValueError("stacked adapters must have the same expert shapes")
-        router_a = torch.cat([e.router_a for e in adapters])  # (S * N, d_in)
-        lora_b = torch.cat([e.lora_b for e in adapters], dim=1)  # (d_out, S * K*R)
-        return cls(router_a, lora_b, first.num_router, len(adapters))
+    def empty_slots(
+        cls, num_slots: int, like: SlotShape, dtype: torch.dtype, device: torch.device | str
+    ) -> ServedExperts:
+        """S zero slots (a zero slot adds nothing), filled later one adapter at a time with `set_slot`."""
+        width = like.num_router + like.slot_rank
+        router_a = torch.zeros(num_slots * width, like.d_in, dtype=torch.float32, device=device)
+        lora_b = torch.zeros(like.d_out, num_slots * like.slot_rank, dtype=dtype, device=device)
+        return cls(router_a, lora_b, like.num_router, num_slots)
+
+    def set_slot(self, index: int, adapter: ServedExperts) -> None:
+        """Copy a single adapter (`build`, S = 1, same shapes) into slot `index`, on this form's device."""
+        if adapter.router_a.shape[0] != self.width or adapter.lora_b.shape[1] != self.slot_rank:
+            raise ValueError(
+                f"adapter experts router_a {tuple(adapter.router_a.shape)} / lora_b "
+                f"{tuple(adapter.lora_b.shape)} do not fit a slot ({self.width}, ·) / (·, {self.slot_rank})"
+            )
+        rows, cols = self._slot_ranges(index)
+        self.router_a[rows].copy_(adapter.router_a)  # (N_router + K*R, d_in)
+        self.lora_b[:, cols].copy_(adapter.lora_b)  # (d_out, K*R), cast to the model dtype
+
+    def reset_slot(self, index: int) -> None:
+        """Zero slot `index` (its tokens then get no delta until the next `set_slot`)."""
+        rows, cols = self._slot_ranges(index)
+        self.router_a[rows].zero_()
+        self.lora_b[:, cols].zero_()
+
+    def _slot_ranges(self, index: int) -> tuple[slice, slice]:
+        if not 0 <= index < self.num_slots:
+            raise IndexError(f"adapter slot {index} outside [0, {self.num_slots})")
+        return (
+            slice(index * self.width, (index + 1) * self.width),
+            slice(index * self.slot_rank, (index + 1) * self.slot_rank),
+        )
 
 
-def _per_slot(x: torch.Tensor, width: int, slot: torch.Tensor | None) -> torch.Tensor:
-    """x: (T, S * width) -> (T, width), each token's own slot (slot: (T,) int64; None: S == 1)."""
-    if slot is None:
-        return x
+@dataclass(frozen=True)
+class SlotShape:
+    """The per-slot shapes of a stacked `ServedExperts`."""
+
+    num_router: int
+    slot_rank: int
+    """K*R."""
+    d_in: int
+    d_out: int
+
+
+GROUPED_MIN_TOKENS = 64
+"""Eager batches of at least this many tokens take the grouped form (see `SlotIndex.of`)."""
+
+
+@dataclass(frozen=True)
+class SlotIndex:
+    """Which adapter slot each token of a batch uses, in the form the slot matmuls take; static shapes.
+
+    Dense form (order None): every token runs every slot's projections and keeps its own slot's (S times
+    one adapter's FLOPs, two plain matmuls). Grouped form: tokens sorted by slot, one grouped matmul per
+    projection (`torch._grouped_mm` with device-side offsets: one adapter's FLOPs, no host sync).
+    """
+
+    slot: torch.Tensor
+    """(T,) int64 in [0, S)."""
+    valid: torch.Tensor
+    """(T,) bool: False for tokens without an adapter (base model) and padding rows, which get no delta."""
+    order: torch.Tensor | None = None
+    """(T,) int64: the token indices sorted by slot (grouped form)."""
+    offsets: torch.Tensor | None = None
+    """(S,) int32: cumulative token count of slots 0..s in `order` (grouped form)."""
+
+    @classmethod
+    def of(
+        cls,
+        indices: torch.Tensor,
+        num_slots: int,
+        real: torch.Tensor | None = None,
+        grouped: bool | None = None,
+    ) -> SlotIndex:
+        """indices: (T,) int slot per token, -1 = no adapter; real: (T,) bool, False on padding rows.
+        grouped None: the grouped form under torch.compile (a static choice, no guard on T) and for
+        eager batches of at least GROUPED_MIN_TOKENS tokens, the dense form for smaller eager ones."""
+        valid = indices >= 0  # (T,)
+        if real is not None:
+            valid = valid & real  # (T,)
+        slot = indices.clamp(min=0).long()  # (T,)
+        if grouped is None:
+            grouped = torch.compiler.is_compiling() or indices.shape[0] >= GROUPED_MIN_TOKENS
+        if not grouped:
+            return cls(slot, valid)
+        order = torch.argsort(slot, stable=True)  # (T,)
+        counts = torch.zeros(num_slots, dtype=torch.int64, device=slot.device)  # (S,)
+        counts.index_add_(0, slot, torch.ones_like(slot))  # (S,)
+        return cls(slot, valid, order, counts.cumsum(0).to(torch.int32))
+
+
+def _per_slot(x: torch.Tensor, width: int, slot: torch.Tensor) -> torch.Tensor:
+    """x: (T, S * width) -> (T, width), each token's own slot (slot: (T,) int64)."""
     every = x.view(x.shape[0], -1, width)  # (T, S, width)
     return every.gather(1, slot.view(-1, 1, 1).expand(-1, 1, width)).squeeze(1)  # (T, width)
 
 
+def _aligned(tensor: torch.Tensor, *sizes: int) -> bool:
+    """True when every size (a stride in elements) is a multiple of 16 bytes, as `torch._grouped_mm` needs."""
+    return all(size * tensor.element_size() % 16 == 0 for size in sizes)
+
+
+def _project(x: torch.Tensor, experts: ServedExperts, slots: SlotIndex | None) -> torch.Tensor:
+    """x (T, d_in) float32 @ each token's slot of router_a.T -> (T, N_router + K*R) float32. The grouped
+    form needs 16-byte aligned strides (true for real models); otherwise the dense form runs."""
+    if slots is None:
+        return x @ experts.router_a.t()  # (T, N_router + K*R)
+    if slots.order is None or not _aligned(experts.router_a, x.shape[1], experts.width):
+        return _per_slot(x @ experts.router_a.t(), experts.width, slots.slot)  # (T, N_router + K*R)
+    weight = experts.router_a.view(experts.num_slots, experts.width, -1).transpose(1, 2)  # (S, d_in, width)
+    grouped = torch._grouped_mm(x[slots.order], weight, offs=slots.offsets)  # (T, width), sorted
+    return torch.empty_like(grouped).index_copy_(0, slots.order, grouped)  # (T, width)
+
+
 def served_routing(
-    x: torch.Tensor, experts: ServedExperts, spec: RoutingSpec, slot: torch.Tensor | None = None
+    x: torch.Tensor, experts: ServedExperts, spec: RoutingSpec, slots: SlotIndex | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Router and A in one float32 matmul. x: (T, d_in) any dtype; slot: (T,) int64 adapter slot of each
-    token (None with a single adapter).
+    """Router and A in one float32 matmul. x: (T, d_in) any dtype; slots: each token's adapter slot (None
+    with a single adapter); tokens that are not `slots.valid` get zero weights, no selection and no delta.
 
     Returns weights (T, K) and selected (T, K) as `routing_weights` gives them, and the weighted expert
     activations (T, K*R) in the dtype of `experts.lora_b`, ready for `add_served_delta`.
     """
     num_tokens, num_router = x.shape[0], experts.num_router
-    width = experts.router_a.shape[0] // experts.num_slots
-    proj = _per_slot(x.float() @ experts.router_a.t(), width, slot)  # (T, N_router + K*R)
+    proj = _project(x.float(), experts, slots)  # (T, N_router + K*R)
     if num_router:
-        logits, hidden = proj.split([num_router, width - num_router], dim=-1)  # (T, K), (T, K*R)
+        logits, hidden = proj.split([num_router, experts.slot_rank], dim=-1)  # (T, K), (T, K*R)
     else:
         logits, hidden = proj.new_zeros(num_tokens, 1), proj  # (T, 1), (T, K*R)
     weights, selected = routing_weights(logits, spec.top_k, spec.mode, spec.gate_scale)  # (T, K), (T, K)
+    if slots is not None:
+        keep = slots.valid.unsqueeze(-1)  # (T, 1)
+        weights, selected = weights * keep, selected & keep  # (T, K), (T, K)
     rank = hidden.shape[1] // spec.num_experts
     weighted = hidden.reshape(num_tokens, spec.num_experts, rank) * weights.unsqueeze(-1)  # (T, K, R)
     return weights, selected, weighted.view(num_tokens, -1).to(experts.lora_b.dtype)  # (T, K*R)
 
 
 def add_served_delta(
-    out: torch.Tensor, weighted: torch.Tensor, experts: ServedExperts, slot: torch.Tensor | None = None
+    out: torch.Tensor, weighted: torch.Tensor, experts: ServedExperts, slots: SlotIndex | None = None
 ) -> torch.Tensor:
     """out (T, d_out) += weighted (T, K*R) @ (the token's slot of lora_b).T, in place; `out` may be a column
-    slice of a wider tensor. With S slots the activations are spread into (T, S*K*R), zeros outside the
-    token's slot, for one static-shape matmul. Returns out."""
-    if slot is not None:
+    slice of a wider tensor. Dense slot form: the activations are spread into (T, S*K*R), zeros outside the
+    token's slot, for one static-shape matmul; grouped form: one grouped matmul over the sorted tokens.
+    Returns out."""
+    if slots is not None and slots.order is not None and _aligned(experts.lora_b, experts.slot_rank):
+        weight = experts.lora_b.view(out.shape[1], experts.num_slots, -1).permute(1, 2, 0)  # (S, K*R, d_out)
+        grouped = torch._grouped_mm(weighted[slots.order], weight, offs=slots.offsets)  # (T, d_out), sorted
+        return out.index_add_(0, slots.order, grouped.to(out.dtype))  # (T, d_out)
+    if slots is not None:
         num_tokens, width = weighted.shape
         spread = weighted.new_zeros(num_tokens, experts.num_slots, width)  # (T, S, K*R)
-        spread.scatter_(1, slot.view(-1, 1, 1).expand(-1, 1, width), weighted.unsqueeze(1))
+        spread.scatter_(1, slots.slot.view(-1, 1, 1).expand(-1, 1, width), weighted.unsqueeze(1))
         weighted = spread.view(num_tokens, -1)  # (T, S * K*R)
     return out.addmm_(weighted, experts.lora_b.t())  # (T, d_out)

@@ -59,3 +59,14 @@ def make_adapter(
 ) -> Path:
     """`trained_model` written as an adapter-only directory over the base `model_dir`."""
     return export_adapter(trained_model(model_dir, method, steps, seed), model_dir, out_dir)
+
+
+@torch.no_grad()
+def reference_scores(
+    model: torch.nn.Module, prompt: list[int], tokens: list[int]
+) -> tuple[list[float], list[float]]:
+    """Teacher-forced on `tokens`: the best logprob at each step and the logprob of the given token."""
+    ids = torch.tensor([prompt + tokens])  # (1, P + N)
+    logprobs = torch.log_softmax(model(ids).logits[0, len(prompt) - 1 : -1].float(), dim=-1)  # (N, V)
+    chosen = logprobs.gather(-1, torch.tensor(tokens)[:, None])[:, 0]  # (N,)
+    return logprobs.max(dim=-1).values.tolist(), chosen.tolist()

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM
 
 from badit_serve.adapter import ADAPTER_WEIGHTS_FILE
 from badit_serve.reference import load_reference_adapter
-from tests.badit_exports import make_adapter
+from tests.badit_exports import make_adapter, reference_scores
 from tests.server_process import free_port, stop, wait_healthy
 from tests.tiny_models import TINY_VOCAB, build_tiny_model
 
@@ -54,8 +54,11 @@ class MultiServer:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {API_KEY}"}
 
-    def complete(self, model: str, prompt: list[int], max_tokens: int = MAX_TOKENS) -> httpx.Response:
+    def complete(
+        self, model: str, prompt: list[int], max_tokens: int = MAX_TOKENS, **extra: object
+    ) -> httpx.Response:
         body = {
+            **extra,
             "model": model,
             "prompt": prompt,
             "max_tokens": max_tokens,
@@ -64,6 +67,12 @@ class MultiServer:
             "return_token_ids": True,
         }
         return httpx.post(f"{self.url}/v1/completions", json=body, headers=self.headers(), timeout=120)
+
+    def tokens_and_logprobs(self, model: str, prompt: list[int]) -> tuple[list[int], list[float]]:
+        response = self.complete(model, prompt, logprobs=0)
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        return choice["token_ids"], choice["logprobs"]["token_logprobs"]
 
     def tokens(self, model: str, prompt: list[int]) -> list[int]:
         response = self.complete(model, prompt)
@@ -92,43 +101,36 @@ def _adapters(base: Path, root: Path, default_model_dir: Path) -> dict[str, Path
     return dirs
 
 
+def _launch(
+    root: Path, base: Path, adapters: dict[str, Path], slots: int, dtype: str
+) -> tuple[subprocess.Popen, str]:
+    """badit-serve BASE --adapter NAME=DIR ... on a free port, log in root / "server.log"; (process, url)."""
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("badit-serve")), str(base)]
+    for name, path in adapters.items():
+        command += ["--adapter", f"{name}={path}"]
+    command += ["--max-adapters", str(slots), "--port", str(port), "--api-key", API_KEY]
+    command += ["--served-model-name", BASE, "--max-model-len", "512", "--no-enable-prefix-caching"]
+    command += ["--dtype", dtype]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    with (root / "server.log").open("w") as out:
+        proc = subprocess.Popen(
+            command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return proc, f"http://127.0.0.1:{port}"
+
+
 @pytest.fixture(scope="module")
 def server(
     tiny_model_dirs: dict[str, Path], default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[MultiServer]:
+    """float32: greedy tokens are compared with the float32 reference."""
     root = tmp_path_factory.mktemp("multi")
     base = tiny_model_dirs["llama"]
     dirs = _adapters(base, root, default_model_dir)
-    port = free_port()
-    command = [
-        str(Path(sys.executable).with_name("badit-serve")),
-        str(base),
-        "--adapter",
-        f"a1={dirs['a1']}",
-        "--adapter",
-        f"a2={dirs['a2']}",
-        "--max-adapters",
-        "3",
-        "--port",
-        str(port),
-        "--api-key",
-        API_KEY,
-        "--served-model-name",
-        BASE,
-        "--max-model-len",
-        "512",
-        "--no-enable-prefix-caching",
-        "--dtype",
-        "float32",  # greedy tokens are compared with the float32 reference
-    ]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    log = root / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    handle = MultiServer(f"http://127.0.0.1:{port}", log, dirs)
+    proc, url = _launch(root, base, {"a1": dirs["a1"], "a2": dirs["a2"]}, 3, "float32")
+    handle = MultiServer(url, root / "server.log", dirs)
     try:
         plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
         handle.expected[BASE] = [_greedy(plain, p) for p in PROMPTS]
@@ -280,3 +282,48 @@ def test_adapter_routes_need_the_api_key(server: MultiServer) -> None:
         httpx.post(f"{server.url}/v1/badit/adapters", json={"name": "x", "path": "/nope"}).status_code == 401
     )
     assert httpx.delete(f"{server.url}/v1/badit/adapters/a1").status_code == 401
+
+
+BF16_LOGPROB_ATOL = 0.1
+"""bfloat16 serving against the float32 reference, per generated token (as tests/test_vllm_parity.py)."""
+
+
+@pytest.fixture(scope="module")
+def bf16_server(tiny_model_dirs: dict[str, Path], server: MultiServer) -> Iterator[MultiServer]:
+    """The serving default, bfloat16, with the float32 server's adapters a1 and a2 in three slots."""
+    root = server.log.parent / "bf16"
+    root.mkdir()
+    proc, url = _launch(
+        root, tiny_model_dirs["llama"], {n: server.dirs[n] for n in ("a1", "a2")}, 3, "bfloat16"
+    )
+    handle = MultiServer(url, root / "server.log", server.dirs)
+    try:
+        wait_healthy(proc, handle.url, STARTUP_TIMEOUT_S, lambda: handle.log.read_text()[-6000:])
+        yield handle
+    finally:
+        stop(proc)
+
+
+def test_bfloat16_mixed_load_stays_close_to_each_adapters_float32_reference(
+    bf16_server: MultiServer, tiny_model_dirs: dict[str, Path]
+) -> None:
+    """Each request of a mixed bfloat16 load, teacher-forced through its own adapter's float32 reference:
+    every greedy token is the reference's choice up to a near-tie and its logprob within BF16_LOGPROB_ATOL
+    (router logits and A' float32, balanced factors: the same contract as a single bfloat16 export). The
+    bound has teeth: the other adapter's reference scores the same tokens further off."""
+    base = tiny_model_dirs["llama"]
+    references = {n: load_reference_adapter(base, bf16_server.dirs[n]) for n in ("a1", "a2")}
+    jobs = [(model, i) for model in ("a1", "a2") for i in range(len(PROMPTS))]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        served = list(pool.map(lambda job: bf16_server.tokens_and_logprobs(job[0], PROMPTS[job[1]]), jobs))
+    worst_lp, worst_tie, worst_other = 0.0, 0.0, 0.0
+    for (model, i), (tokens, logprobs) in zip(jobs, served, strict=True):
+        best, chosen = reference_scores(references[model], PROMPTS[i], tokens)  # (N,), (N,)
+        worst_lp = max(worst_lp, *(abs(a - b) for a, b in zip(chosen, logprobs, strict=True)))
+        worst_tie = max(worst_tie, *(b - c for b, c in zip(best, chosen, strict=True)))
+        other = references["a2" if model == "a1" else "a1"]
+        _, other_chosen = reference_scores(other, PROMPTS[i], tokens)
+        worst_other = max(worst_other, *(abs(a - b) for a, b in zip(other_chosen, logprobs, strict=True)))
+    print(f"bfloat16 multi-adapter: max |logprob diff| {worst_lp:.3f}, max tie gap {worst_tie:.3f}")
+    assert worst_lp < BF16_LOGPROB_ATOL and worst_tie < BF16_LOGPROB_ATOL
+    assert worst_other > 2 * BF16_LOGPROB_ATOL

@@ -8,6 +8,8 @@ import torch
 from badit_serve.routing import (
     RoutingSpec,
     ServedExperts,
+    SlotIndex,
+    SlotShape,
     add_served_delta,
     balanced_factors,
     routed_delta,
@@ -126,30 +128,104 @@ def test_served_bfloat16_delta_has_no_bad_cancellation() -> None:
     assert (served.double() - exact).norm() / scale < 0.02
 
 
-def test_stacked_slots_give_each_token_its_own_adapter() -> None:
-    """Three adapters stacked; a per-token slot picks one: each token gets exactly its adapter's result."""
-    gen = torch.Generator().manual_seed(11)
-    k, rank, d_in, d_out, tokens = 4, 2, 16, 20, 9
-    spec = RoutingSpec(num_experts=k, top_k=2, mode="topk", gate_scale=2.0)
-    singles = [
-        ServedExperts.build(
-            torch.randn(k, d_in, generator=gen),
+def _slot_adapters(mode: str, k: int, slots: int, gen: torch.Generator) -> list[tuple]:
+    """(router or None, lora_a, lora_b, scaling) of `slots` random adapters."""
+    rank, d_in, d_out = 2, 16, 20
+    return [
+        (
+            None if mode == "none" else torch.randn(k, d_in, generator=gen),
             torch.randn(k * rank, d_in, generator=gen),
             torch.randn(d_out, k * rank, generator=gen),
-            0.5,
-            k,
-            torch.float32,
+            float(torch.rand((), generator=gen)) + 0.5,
         )
-        for _ in range(3)
+        for _ in range(slots)
     ]
-    stacked = ServedExperts.stack(singles)
-    x = torch.randn(tokens, d_in, generator=gen)
-    slot = torch.tensor([0, 1, 2, 2, 1, 0, 0, 1, 2])  # (T,)
-    weights, selected, weighted = served_routing(x, stacked, spec, slot)
-    out = add_served_delta(torch.zeros(tokens, d_out), weighted, stacked, slot)
-    for t in range(tokens):
-        single = singles[int(slot[t])]
-        w, sel, h = served_routing(x[t : t + 1], single, spec)
-        torch.testing.assert_close(weights[t : t + 1], w)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize(("mode", "k", "top_k"), [("topk", 4, 2), ("dense", 3, 3), ("none", 1, 1)])
+def test_slots_give_each_token_its_own_adapters_routed_delta(
+    mode: str, k: int, top_k: int, grouped: bool
+) -> None:
+    """Three adapters in four slots (one left empty); per token a slot, -1 (no adapter) or a padding row:
+    each valid token gets exactly its adapter's `routed_delta`, the others nothing, in both slot forms."""
+    gen = torch.Generator().manual_seed(11)
+    adapters = _slot_adapters(mode, k, 3, gen)
+    d_in, d_out = adapters[0][1].shape[1], adapters[0][2].shape[0]
+    spec = RoutingSpec(num_experts=k, top_k=top_k, mode=mode, gate_scale=2.0)
+    shape = SlotShape(0 if mode == "none" else k, adapters[0][1].shape[0], d_in, d_out)
+    stacked = ServedExperts.empty_slots(4, shape, torch.float32, "cpu")
+    for index, (router, a, b, scaling) in zip((2, 0, 1), adapters, strict=True):  # slot 3 stays empty
+        stacked.set_slot(index, ServedExperts.build(router, a, b, scaling, k, torch.float32))
+    indices = torch.tensor([0, 1, 2, 2, -1, 1, 0, 0, 1, 2, 3, 0])  # (T,) slot 2 holds adapter 0, ...
+    real = torch.tensor([True] * 10 + [False, False])  # the last two rows are padding
+    slots = SlotIndex.of(indices, 4, real, grouped=grouped)
+    x = torch.randn(indices.shape[0], d_in, generator=gen)
+    base = torch.randn(indices.shape[0], 2 * d_out, generator=gen)
+    out = base.clone()
+    weights, selected, weighted = served_routing(x, stacked, spec, slots)
+    add_served_delta(out[:, :d_out], weighted, stacked, slots)
+    owner = {2: 0, 0: 1, 1: 2}  # slot -> adapter
+    for t, slot in enumerate(indices.tolist()):
+        row = x[t : t + 1]
+        if slot < 0 or not real[t]:
+            assert not selected[t].any() and not weights[t].any()
+            torch.testing.assert_close(out[t], base[t], rtol=0, atol=0)
+            continue
+        router, a, b, scaling = adapters[owner[slot]]
+        w, sel = routing_weights(router_logits(row, router), top_k, mode, 2.0)
         assert torch.equal(selected[t : t + 1], sel)
-        torch.testing.assert_close(out[t : t + 1], add_served_delta(torch.zeros(1, d_out), h, single))
+        torch.testing.assert_close(weights[t : t + 1], w, rtol=1e-5, atol=1e-6)
+        delta = out[t : t + 1, :d_out] - base[t : t + 1, :d_out]
+        torch.testing.assert_close(delta, routed_delta(row, w, a, b, scaling), rtol=1e-4, atol=1e-4)
+    assert torch.equal(out[:, d_out:], base[:, d_out:])
+
+
+def test_grouped_and_dense_slot_forms_agree_and_reset_empties_a_slot() -> None:
+    gen = torch.Generator().manual_seed(3)
+    k = 4
+    adapters = _slot_adapters("topk", k, 3, gen)
+    d_in, d_out = adapters[0][1].shape[1], adapters[0][2].shape[0]
+    spec = RoutingSpec(num_experts=k, top_k=2, mode="topk", gate_scale=1.0)
+    stacked = ServedExperts.empty_slots(
+        3, SlotShape(k, adapters[0][1].shape[0], d_in, d_out), torch.float32, "cpu"
+    )
+    for index, (router, a, b, scaling) in enumerate(adapters):
+        stacked.set_slot(index, ServedExperts.build(router, a, b, scaling, k, torch.float32))
+    indices = torch.randint(-1, 3, (40,), generator=gen)  # (T,)
+    x = torch.randn(40, d_in, generator=gen)
+
+    def delta(grouped: bool) -> torch.Tensor:
+        slots = SlotIndex.of(indices, 3, grouped=grouped)
+        return add_served_delta(
+            torch.zeros(40, d_out), served_routing(x, stacked, spec, slots)[2], stacked, slots
+        )
+
+    torch.testing.assert_close(delta(True), delta(False), rtol=1e-5, atol=1e-5)
+    assert delta(False)[indices == 1].abs().sum() > 0
+    stacked.reset_slot(1)
+    assert delta(False)[indices == 1].abs().sum() == 0 and delta(True)[indices == 1].abs().sum() == 0
+    assert delta(False)[indices == 0].abs().sum() > 0
+
+
+def test_slot_index_groups_tokens_by_slot_with_static_shapes() -> None:
+    indices = torch.tensor([2, -1, 0, 2, 2, 0])
+    slots = SlotIndex.of(indices, 4, grouped=True)
+    assert slots.valid.tolist() == [True, False, True, True, True, True]
+    assert slots.slot.tolist() == [2, 0, 0, 2, 2, 0]  # -1 rides in slot 0, masked by `valid`
+    assert slots.order is not None and slots.offsets is not None
+    assert slots.offsets.dtype == torch.int32 and slots.offsets.tolist() == [3, 3, 6, 6]  # (S,) always
+    assert slots.slot[slots.order].tolist() == [0, 0, 0, 2, 2, 2]
+    assert SlotIndex.of(indices, 4, grouped=False).order is None
+
+
+def test_set_slot_refuses_other_shapes() -> None:
+    gen = torch.Generator().manual_seed(1)
+    router, a, b, scaling = _slot_adapters("topk", 4, 1, gen)[0]
+    stacked = ServedExperts.empty_slots(
+        2, SlotShape(4, a.shape[0] * 2, a.shape[1], b.shape[0]), torch.float32, "cpu"
+    )
+    with pytest.raises(ValueError, match="do not fit a slot"):
+        stacked.set_slot(0, ServedExperts.build(router, a, b, scaling, 4, torch.float32))
+    with pytest.raises(IndexError, match="outside"):
+        stacked.reset_slot(2)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from badit_serve.reference import load_reference_model
-from tests.badit_exports import make_export
+from tests.badit_exports import make_export, reference_scores
 from tests.tiny_models import TINY_VOCAB
 
 LOGPROB_ATOL = 1e-3
@@ -143,7 +143,7 @@ def test_vllm_bfloat16_stays_close_to_the_float32_reference(
     worst_lp, worst_tie, exact = 0.0, 0.0, 0
     for prompt, got in zip(PROMPTS, served, strict=True):
         tokens = got["token_ids"]
-        best, chosen = _reference_scores(reference, prompt, tokens)  # (N,), (N,)
+        best, chosen = reference_scores(reference, prompt, tokens)  # (N,), (N,)
         worst_lp = max(worst_lp, max(abs(a - b) for a, b in zip(chosen, got["logprobs"], strict=True)))
         worst_tie = max(worst_tie, max(b - c for b, c in zip(best, chosen, strict=True)))
         exact += tokens == _reference_generate(reference, prompt)[0]
@@ -155,16 +155,5 @@ def test_vllm_bfloat16_stays_close_to_the_float32_reference(
     for routed in reference.modules():
         if hasattr(routed, "lora_b"):
             routed.lora_b.zero_()
-    plain = _reference_scores(reference, PROMPTS[0], served[0]["token_ids"])[1]
+    plain = reference_scores(reference, PROMPTS[0], served[0]["token_ids"])[1]
     assert max(abs(a - b) for a, b in zip(plain, served[0]["logprobs"], strict=True)) > 2 * BF16_LOGPROB_ATOL
-
-
-@torch.no_grad()
-def _reference_scores(
-    model: torch.nn.Module, prompt: list[int], tokens: list[int]
-) -> tuple[list[float], list[float]]:
-    """Teacher-forced on `tokens`: the best logprob at each step and the logprob of the given token."""
-    ids = torch.tensor([prompt + tokens])  # (1, P + N)
-    logprobs = torch.log_softmax(model(ids).logits[0, len(prompt) - 1 : -1].float(), dim=-1)  # (N, V)
-    chosen = logprobs.gather(-1, torch.tensor(tokens)[:, None])[:, 0]  # (N,)
-    return logprobs.max(dim=-1).values.tolist(), chosen.tolist()

@@ -4,13 +4,17 @@
 (resolved from the request's `model` field, listed by /v1/models, kept apart in the prefix cache), and
 vLLM's punica wrapper keeps the per-token slot index of every batch (`_token_lora_indices`, -1 = base).
 `BaditSlotsGateUp` takes the place of each adapted layer's `gate_up_proj` and consumes those indices with
-the Badit routed math (`badit_serve.slot_routing`) instead of running LoRA kernels:
+the Badit routed math in its serving form (`badit_serve.routing`: `ServedExperts` with one slot per
+adapter, `SlotIndex`, `served_routing`, `add_served_delta`; the single-export `BaditMLP` runs the same
+functions with one slot) instead of running LoRA kernels:
 
 - It is a `BaseLayerWithLoRA` built by the model itself, so vLLM's LoRA manager registers it as it is
   (no vLLM wrapper matches it) when --lora-target-modules is gate_up_proj; vLLM's loader hands it each
-  adapter's PEFT tensors (`badit_serve.adapter`) through `set_lora(slot, [A; router], B)`.
-- Stacked float32 buffers with a slot per adapter; static shapes; slot -1 tokens and padding rows get no
-  delta (vLLM's CPU LoRA ops would apply the last slot to -1 tokens, so the gather here is masked).
+  adapter's PEFT tensors (`badit_serve.adapter`) through `set_lora(slot, [A; router], B)`, in float32
+  (`use_float32_adapter_tensors`), where they are refactorised into balanced factors (float64, once per
+  load into a slot): router + A' float32, s * B' in the model dtype, like a single export.
+- Static shapes; slot -1 tokens and padding rows get no delta (vLLM's CPU LoRA ops would apply the last
+  slot to -1 tokens, so the slot layer masks them itself).
 - Routing statistics per slot, (S, K), through the `badit_record_slot_routing` custom op.
 """
 
@@ -21,8 +25,32 @@ from torch import nn
 from vllm.lora.layers import BaseLayerWithLoRA
 
 from badit_serve.adapter import LORA_TARGET, SLOTS_CONFIG_KEY, SlotGeometry
-from badit_serve.slot_routing import slot_routed_delta
-from badit_serve.vllm_models.routing_stats import real_token_mask
+from badit_serve.routing import (
+    RoutingSpec,
+    ServedExperts,
+    SlotIndex,
+    SlotShape,
+    add_served_delta,
+    served_routing,
+)
+from badit_serve.vllm_models.routing_stats import ensure_registered, real_token_mask, record_slot_routing
+
+ADAPTER_TENSOR_DTYPE = torch.float32
+"""The dtype vLLM's LoRA loader must give adapter tensors (see `use_float32_adapter_tensors`)."""
+
+
+def use_float32_adapter_tensors(vllm_config: object) -> None:
+    """Make vLLM load adapter tensors in float32 whatever the model dtype (its `lora_dtype`).
+
+    vLLM casts every LoRA tensor to `lora_dtype` (the model dtype unless --lora-dtype; its CLI offers only
+    float16 / bfloat16) before `set_lora`. The router rows and A ride in lora_A, and the balanced
+    refactorisation needs the trained float32 values, so the model class sets `lora_dtype` to float32 on
+    the engine's config in the worker, before the worker's LoRA manager (built from the same config after
+    the model) loads anything. Nothing else reads it for this layer: it keeps its own buffers.
+    """
+    lora_config = getattr(vllm_config, "lora_config", None)
+    if lora_config is not None:
+        lora_config.lora_dtype = ADAPTER_TENSOR_DTYPE
 
 
 def read_slot_geometry(hf_config: object) -> SlotGeometry | None:
@@ -47,85 +75,77 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
         self.geometry, self.tp_rank = geometry, tp_rank
         slots, k = geometry.max_adapters, geometry.num_experts
         self.n = k * geometry.rank
-        self.rows = self.n + (0 if geometry.router == "none" else k)
+        num_router = 0 if geometry.router == "none" else k
+        self.rows = self.n + num_router
         self.intermediate_local = int(base_layer.output_partition_sizes[0])
         self.n_slices = 2
-        d_in, device = int(base_layer.input_size), base_layer.weight.device
-        f32 = dict(dtype=torch.float32, device=device)
-        self.register_buffer("a_router", torch.zeros(slots * self.rows, d_in, **f32), persistent=False)
+        d_in, weight = int(base_layer.input_size), base_layer.weight
+        # vLLM folds scaling * gate_scale into lora_B (the adapter's lora_alpha / r): routing weights are
+        # plain softmax weights here.
+        self.spec = RoutingSpec(k, geometry.top_k, geometry.router, gate_scale=1.0)  # type: ignore[arg-type]
+        shape = SlotShape(num_router, self.n, d_in, self.intermediate_local)
+        self.served = ServedExperts.empty_slots(slots, shape, weight.dtype, weight.device)
         self.register_buffer(
-            "lora_b", torch.zeros(self.intermediate_local, slots * self.n, **f32), persistent=False
+            "expert_tokens", torch.zeros(slots, k, dtype=torch.int64, device=weight.device), persistent=False
         )
         self.register_buffer(
-            "expert_tokens", torch.zeros(slots, k, dtype=torch.int64, device=device), persistent=False
-        )
-        self.register_buffer(
-            "router_weight_sums", torch.zeros(slots, k, dtype=torch.float64, device=device), persistent=False
+            "router_weight_sums",
+            torch.zeros(slots, k, dtype=torch.float64, device=weight.device),
+            persistent=False,
         )
         # Shapes vLLM reads to build its zero warm-up adapters (create_dummy_lora); never computed with.
-        meta = dict(dtype=base_layer.weight.dtype, device="meta")
+        meta = dict(dtype=ADAPTER_TENSOR_DTYPE, device="meta")
         self.lora_a_stacked = tuple(torch.empty(slots, 1, self.n, d_in, **meta) for _ in range(2))
         self.lora_b_stacked = tuple(
             torch.empty(slots, 1, self.intermediate_local, self.n, **meta) for _ in range(2)
         )
         self.slot_listener = None  # called with (slot) when a slot's adapter changes (expert metrics)
         self.record_stats = True
-        ensure_slot_op_registered()
+        ensure_registered()
 
     def reset_lora(self, index: int) -> None:
         self._notify(index)
-        self.a_router[index * self.rows : (index + 1) * self.rows].zero_()
-        self.lora_b[:, index * self.n : (index + 1) * self.n].zero_()
+        self.served.reset_slot(index)
 
     def set_lora(self, index: int, lora_a, lora_b) -> None:  # lists [gate, up] from PackedLoRALayerWeights
         a = lora_a[0] if isinstance(lora_a, (list, tuple)) else lora_a
         b = lora_b[0] if isinstance(lora_b, (list, tuple)) else lora_b
-        if a is None or b is None or (tuple(a.shape) != (self.rows, self.a_router.shape[1]) and not a.any()):
+        d_in = self.served.router_a.shape[1]
+        if a is None or b is None or (tuple(a.shape) != (self.rows, d_in) and not a.any()):
             self.reset_lora(index)  # vLLM's zero warm-up adapters
             return
         full_out = self.intermediate_local * self.base_layer.tp_size
-        if tuple(a.shape) != (self.rows, self.a_router.shape[1]) or tuple(b.shape) != (full_out, self.n):
+        if tuple(a.shape) != (self.rows, d_in) or tuple(b.shape) != (full_out, self.n):
             raise ValueError(
                 f"Badit adapter tensors lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the "
-                f"slot shapes ({self.rows}, {self.a_router.shape[1]}) / ({full_out}, {self.n})"
+                f"slot shapes ({self.rows}, {d_in}) / ({full_out}, {self.n})"
             )
         self._notify(index)
         b_local = b.narrow(0, self.tp_rank * self.intermediate_local, self.intermediate_local)  # (I_local, n)
-        self.a_router[index * self.rows : (index + 1) * self.rows].copy_(a)
-        self.lora_b[:, index * self.n : (index + 1) * self.n].copy_(b_local)
+        router = a[self.n :] if self.rows > self.n else None  # (K, d_in) or None
+        adapter = ServedExperts.build(
+            router, a[: self.n], b_local, 1.0, self.geometry.num_experts, self.served.lora_b.dtype
+        )  # float64 refactorisation, on the loader's device (CPU)
+        self.served.set_slot(index, adapter)
 
     def _notify(self, index: int) -> None:
         if self.slot_listener is not None:
             self.slot_listener(index)
 
-    def token_slots(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slot (T,) long in [0, S), valid (T,) bool) of this batch's tokens, from vLLM's punica wrapper."""
+    def token_slots(self, tokens: int) -> SlotIndex:
+        """This batch's per-token slots, from vLLM's punica wrapper (-1 = base model) and the padding mask."""
         indices = self.punica_wrapper._token_lora_indices[:tokens]  # (T,) -1 = base model
-        valid = indices >= 0  # (T,)
-        real = real_token_mask(tokens)
-        if real is not None:
-            valid = valid & real  # (T,)
-        return indices.clamp(min=0), valid
+        return SlotIndex.of(indices, self.served.num_slots, real_token_mask(tokens))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         gate_up, bias = self.base_layer(x)  # (T, 2 * I_local)
-        flat = x.reshape(-1, x.shape[-1]).float()  # (T, d_in)
-        slots, valid = self.token_slots(flat.shape[0])  # (T,), (T,)
-        g = self.geometry
-        delta, weights, selected = slot_routed_delta(
-            flat,
-            slots,
-            valid,
-            self.a_router,
-            self.lora_b,
-            num_slots=g.max_adapters,
-            num_experts=g.num_experts,
-            top_k=g.top_k,
-            mode=g.router,  # type: ignore[arg-type]
-        )  # (T, I_local), (T, K), (T, K)
+        flat = x.reshape(-1, x.shape[-1])  # (T, d_in)
+        slots = self.token_slots(flat.shape[0])
+        weights, selected, weighted = served_routing(flat, self.served, self.spec, slots)  # (T, K) x2, (T, n)
         if self.record_stats:
-            record_slot_routing(slots, selected, weights, self.expert_tokens, self.router_weight_sums)
-        gate_up[..., : self.intermediate_local] += delta.view(*gate_up.shape[:-1], -1).to(gate_up.dtype)
+            record_slot_routing(slots.slot, selected, weights, self.expert_tokens, self.router_weight_sums)
+        gate = gate_up.view(-1, gate_up.shape[-1])[:, : self.intermediate_local]  # (T, I_local) view
+        add_served_delta(gate, weighted, self.served, slots)  # (T, I_local), in place
         return gate_up, bias
 
 
@@ -150,43 +170,3 @@ def install_slot_layers(model: nn.Module, geometry: SlotGeometry) -> dict[str, B
         mlp.gate_up_proj = layer
         installed[gate_name] = layer
     return installed
-
-
-OP_NAME = "badit_record_slot_routing"
-
-
-def _record(
-    slots: torch.Tensor,
-    selected: torch.Tensor,
-    weights: torch.Tensor,
-    expert_tokens: torch.Tensor,
-    weight_sums: torch.Tensor,
-) -> None:
-    """slots (T,) long; selected (T, K) bool (already False on invalid tokens); weights (T, K);
-    expert_tokens (S, K) int64; weight_sums (S, K) float64."""
-    expert_tokens.index_add_(0, slots, selected.to(torch.int64))  # (S, K)
-    weight_sums.index_add_(0, slots, weights.to(torch.float64))  # (S, K)
-
-
-def _record_fake(slots, selected, weights, expert_tokens, weight_sums) -> None:
-    return None
-
-
-def ensure_slot_op_registered() -> None:
-    """Register `torch.ops.vllm.badit_record_slot_routing` once per process (a mutating op, so that
-    torch.compile keeps it)."""
-    if hasattr(torch.ops.vllm, OP_NAME):
-        return
-    from vllm.utils.torch_utils import direct_register_custom_op
-
-    direct_register_custom_op(
-        op_name=OP_NAME,
-        op_func=_record,
-        mutates_args=["expert_tokens", "weight_sums"],
-        fake_impl=_record_fake,
-    )
-
-
-def record_slot_routing(slots, selected, weights, expert_tokens, weight_sums) -> None:
-    """Accumulate one layer's per-slot routing statistics of this forward pass."""
-    getattr(torch.ops.vllm, OP_NAME)(slots, selected, weights, expert_tokens, weight_sums)

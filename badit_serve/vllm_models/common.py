@@ -16,7 +16,12 @@ import torch
 
 from badit_serve.adapter import SlotGeometry
 from badit_serve.format import BaditBlock
-from badit_serve.vllm_models.adapter_slots import BaditSlotsGateUp, install_slot_layers, read_slot_geometry
+from badit_serve.vllm_models.adapter_slots import (
+    BaditSlotsGateUp,
+    install_slot_layers,
+    read_slot_geometry,
+    use_float32_adapter_tensors,
+)
 from badit_serve.vllm_models.mlp import (
     BaditMLP,
     check_coverage,
@@ -39,6 +44,7 @@ class BaditCausalLMMixin:
     def __init__(self, *, vllm_config, prefix: str = "") -> None:  # vllm_config: vllm.config.VllmConfig
         geometry = read_slot_geometry(vllm_config.model_config.hf_config)
         if geometry is not None:  # a plain base with adapter slots (badit-serve BASE --adapter ...)
+            use_float32_adapter_tensors(vllm_config)
             super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
             self.badit_slots, self.badit_slot_layers, self.badit_mlps = geometry, {}, {}
             return

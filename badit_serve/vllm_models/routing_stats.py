@@ -1,9 +1,11 @@
-"""The `vllm.badit_record_routing` custom op: per-expert routing statistics accumulated on the device.
+"""The routing-statistics custom ops: per-expert routing statistics accumulated on the device.
 
-Called from every `BaditMLP` forward with the layer's (T, K) selection mask and routing weights. It adds,
-over the REAL tokens of the batch only, the selected-token count per expert into an int64 (K,) buffer and
-the routing-weight sum per expert into a float64 (K,) buffer. Everything stays on the device: no `.item()`,
-no host sync, no data-dependent shapes.
+`vllm.badit_record_routing` is called from every `BaditMLP` forward with the layer's (T, K) selection mask
+and routing weights. It adds, over the REAL tokens of the batch only, the selected-token count per expert
+into an int64 (K,) buffer and the routing-weight sum per expert into a float64 (K,) buffer.
+`vllm.badit_record_slot_routing` does the same per adapter slot ((S, K) buffers) for the multi-adapter
+layer, whose selection is already False on padding and base-model tokens. Everything stays on the device:
+no `.item()`, no host sync, no data-dependent shapes.
 
 Padding rows: vLLM 0.32's model runner (the CPU runner inherits `GPUModelRunner`) passes
 `is_padding=` to `set_forward_context`, a bool (num_tokens_padded,) view of a persistent buffer that is True
@@ -11,7 +13,7 @@ for the rows past `num_tokens_unpadded`; `get_forward_context().is_padding` expo
 buffer, so a CUDA-graph capture of this op reads the live mask on replay. When there is no forward context
 or no mask (tests, other runners) every row counts.
 
-The op is registered as a mutating custom op (`mutates_args` = the two buffers), so torch.compile keeps it
+Both ops are registered (`ensure_registered`, once per process) as mutating custom ops (`mutates_args` = the two buffers), so torch.compile keeps it
 (a side-effect-free op would be dead-code eliminated) and treats it as opaque. It counts unconditionally —
 profiling and warm-up runs included — so the host-side collector zeroes the buffers when the server says
 start (see `badit_serve.expert_metrics`).
@@ -22,6 +24,7 @@ from __future__ import annotations
 import torch
 
 OP_NAME = "badit_record_routing"
+SLOT_OP_NAME = "badit_record_slot_routing"
 
 
 def real_token_mask(tokens: int) -> torch.Tensor | None:
@@ -48,24 +51,39 @@ def _record_routing(
     weight_sums.add_(weights.sum(dim=0, dtype=torch.float64))  # (K,)
 
 
-def _record_routing_fake(
-    selected: torch.Tensor, weights: torch.Tensor, expert_tokens: torch.Tensor, weight_sums: torch.Tensor
+def _record_slot_routing(
+    slots: torch.Tensor,
+    selected: torch.Tensor,
+    weights: torch.Tensor,
+    expert_tokens: torch.Tensor,
+    weight_sums: torch.Tensor,
 ) -> None:
+    """slots (T,) int64; selected (T, K) bool (already False on tokens without an adapter and padding rows);
+    weights (T, K); expert_tokens (S, K) int64; weight_sums (S, K) float64."""
+    expert_tokens.index_add_(0, slots, selected.to(torch.int64))  # (S, K)
+    weight_sums.index_add_(0, slots, weights.to(torch.float64))  # (S, K)
+
+
+def _no_output(*args: torch.Tensor) -> None:
+    """The fake (meta) implementation of both ops: they only mutate their buffers."""
     return None
 
 
+OPS = {OP_NAME: _record_routing, SLOT_OP_NAME: _record_slot_routing}
+
+
 def ensure_registered() -> None:
-    """Register `torch.ops.vllm.badit_record_routing` once per process."""
-    if hasattr(torch.ops.vllm, OP_NAME):
-        return
+    """Register `torch.ops.vllm.badit_record_routing` and `badit_record_slot_routing` once per process."""
     from vllm.utils.torch_utils import direct_register_custom_op
 
-    direct_register_custom_op(
-        op_name=OP_NAME,
-        op_func=_record_routing,
-        mutates_args=["expert_tokens", "weight_sums"],
-        fake_impl=_record_routing_fake,
-    )
+    for name, func in OPS.items():
+        if not hasattr(torch.ops.vllm, name):
+            direct_register_custom_op(
+                op_name=name,
+                op_func=func,
+                mutates_args=["expert_tokens", "weight_sums"],
+                fake_impl=_no_output,
+            )
 
 
 def record_routing(
@@ -73,3 +91,14 @@ def record_routing(
 ) -> None:
     """Accumulate one layer's routing statistics of this forward pass (see the module docstring)."""
     torch.ops.vllm.badit_record_routing(selected, weights, expert_tokens, weight_sums)
+
+
+def record_slot_routing(
+    slots: torch.Tensor,
+    selected: torch.Tensor,
+    weights: torch.Tensor,
+    expert_tokens: torch.Tensor,
+    weight_sums: torch.Tensor,
+) -> None:
+    """Accumulate one multi-adapter layer's per-slot routing statistics of this forward pass."""
+    torch.ops.vllm.badit_record_slot_routing(slots, selected, weights, expert_tokens, weight_sums)
