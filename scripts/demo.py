@@ -10,14 +10,15 @@ import argparse
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_process import free_port, start_server, stop_server, wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -29,27 +30,6 @@ def banner(text: str) -> None:
 
 def run(*args: str) -> None:
     subprocess.run(list(args), check=True, cwd=ROOT)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"badit-serve exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"badit-serve not healthy after {timeout:.0f} s")
 
 
 def expert_table(metrics_text: str) -> str:
@@ -92,8 +72,7 @@ def main() -> None:
     base = f"http://127.0.0.1:{port}"
     log_path = ROOT / args.run_dir / "serve.log"
     print(f"server log: {log_path}", flush=True)
-    log = log_path.open("w")
-    server = subprocess.Popen(
+    server = start_server(
         [
             str(BIN / "badit-serve"),
             args.export_dir,
@@ -102,16 +81,11 @@ def main() -> None:
             "--served-model-name",
             "badit-quickstart",
         ],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+        ROOT,
+        log_path,
     )
     try:
-        try:
-            wait_healthy(base, server)
-        except (RuntimeError, TimeoutError):
-            print("".join(log_path.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
-            raise
+        wait_healthy(base, server, log_path)
         from openai import OpenAI
 
         client = OpenAI(base_url=f"{base}/v1", api_key="unused")
@@ -139,12 +113,7 @@ def main() -> None:
             experts = json.loads(response.read())
         print(f"\n/v1/badit/experts: {len(experts.get('layers', []))} layers in the routing table")
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+        stop_server(server)
 
 
 if __name__ == "__main__":
