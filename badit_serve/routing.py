@@ -275,17 +275,21 @@ def _per_slot(x: torch.Tensor, width: int, slot: torch.Tensor) -> torch.Tensor:
     return every.gather(1, slot.view(-1, 1, 1).expand(-1, 1, width)).squeeze(1)  # (T, width)
 
 
-def _aligned(tensor: torch.Tensor, *sizes: int) -> bool:
-    """True when every size (a stride in elements) is a multiple of 16 bytes, as `torch._grouped_mm` needs."""
-    return all(size * tensor.element_size() % 16 == 0 for size in sizes)
+def _can_group(weight: torch.Tensor, *strides: int) -> bool:
+    """Whether `torch._grouped_mm` over this slot buffer is a real grouped kernel without a host sync: on CPU
+    any dtype; on CUDA only bfloat16 (other dtypes take ATen's fallback, which copies the offsets to the host
+    and loops over groups: a sync, and no CUDA-graph capture). Strides (in elements) must be multiples of
+    16 bytes (true for real models; tiny odd shapes take the dense form)."""
+    native = weight.device.type == "cpu" or weight.dtype == torch.bfloat16
+    return native and all(stride * weight.element_size() % 16 == 0 for stride in strides)
 
 
 def _project(x: torch.Tensor, experts: ServedExperts, slots: SlotIndex | None) -> torch.Tensor:
-    """x (T, d_in) float32 @ each token's slot of router_a.T -> (T, N_router + K*R) float32. The grouped
-    form needs 16-byte aligned strides (true for real models); otherwise the dense form runs."""
+    """x (T, d_in) float32 @ each token's slot of router_a.T -> (T, N_router + K*R) float32 (grouped only
+    where `_can_group`: on CPU; float32 on CUDA runs the dense form)."""
     if slots is None:
         return x @ experts.router_a.t()  # (T, N_router + K*R)
-    if slots.order is None or not _aligned(experts.router_a, x.shape[1], experts.width):
+    if slots.order is None or not _can_group(experts.router_a, x.shape[1], experts.width):
         return _per_slot(x @ experts.router_a.t(), experts.width, slots.slot)  # (T, N_router + K*R)
     weight = experts.router_a.view(experts.num_slots, experts.width, -1).transpose(1, 2)  # (S, d_in, width)
     grouped = torch._grouped_mm(x[slots.order], weight, offs=slots.offsets)  # (T, width), sorted
@@ -323,7 +327,7 @@ def add_served_delta(
     slice of a wider tensor. Dense slot form: the activations are spread into (T, S*K*R), zeros outside the
     token's slot, for one static-shape matmul; grouped form: one grouped matmul over the sorted tokens.
     Returns out."""
-    if slots is not None and slots.order is not None and _aligned(experts.lora_b, experts.slot_rank):
+    if slots is not None and slots.order is not None and _can_group(experts.lora_b, experts.slot_rank):
         weight = experts.lora_b.view(out.shape[1], experts.num_slots, -1).permute(1, 2, 0)  # (S, K*R, d_out)
         grouped = torch._grouped_mm(weighted[slots.order], weight, offs=slots.offsets)  # (T, d_out), sorted
         return out.index_add_(0, slots.order, grouped.to(out.dtype))  # (T, d_out)

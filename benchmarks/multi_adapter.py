@@ -1,12 +1,14 @@
 """Many adapters over one base: throughput of a mixed load with 1, 4 and 8 adapters, and adapter size.
 
     .venv/bin/python benchmarks/multi_adapter.py \
-        [--base DIR] [--adapters N] [--prompts 32] [--max-tokens 64] [--out PATH]
+        [--base DIR] [--adapters 8] [--prompts 32] [--max-tokens 128] [--dtypes bfloat16,float32] [--out PATH]
 
 Builds N adapter-only exports over the base (default: the prepared default model): one BAD initialisation
 and N-1 copies with perturbed experts (synthetic: throughput does not depend on the expert values; the math
-runs in full either way) and one full export of the first, then runs, each in its own offline vLLM engine (one
-after another, same prompts, greedy, ignore_eos):
+runs in full either way) and one full export of the first, then runs, in each dtype (bfloat16 is the serving
+default), each in its own offline vLLM engine (one after another, same prompts, greedy, ignore_eos; a
+decode-heavy load like benchmarks/serve_throughput.py; every adapter is loaded into its slot by a short
+warm-up request before the clock starts, so adapter loading is not timed):
 
     full export                       today's single-export server (vLLM's compiled mode)
     multi, 1 slot, 1 adapter          badit-serve BASE --adapter a0 (LoRA machinery: eager on CPU)
@@ -84,16 +86,28 @@ def run_engine(spec: dict) -> dict:
     from badit_serve.plugin import register
 
     register()
-    llm = LLM(model=spec["model"], dtype="float32", max_model_len=1024, seed=0, **spec["engine"])
+    profile = spec.get("profile_dir")
+    engine = dict(spec["engine"])
+    if profile:  # vLLM's torch profiler in the worker: <dir>/*.profiler_out.txt (op table) and a trace
+        engine["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": profile}
+    llm = LLM(model=spec["model"], dtype=spec["dtype"], max_model_len=1024, seed=0, **engine)
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
     names = spec["adapters"]
     loras = [LoRARequest(f"a{i}", i + 1, path) for i, path in enumerate(names)]
     requests = [{"prompt_token_ids": ids} for ids in spec["prompts"]]
     lora_requests = [loras[i % len(loras)] for i in range(len(requests))] if loras else None
-    llm.generate(requests[:2], params, lora_request=lora_requests[:2] if loras else None, use_tqdm=False)
+    warm = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    count = max(len(loras), 2)  # every adapter once: vLLM loads an adapter into a slot on first use
+    llm.generate(
+        requests[:count], warm, lora_request=lora_requests[:count] if loras else None, use_tqdm=False
+    )
+    if profile:
+        llm.start_profile()
     start = time.perf_counter()
     outputs = llm.generate(requests, params, lora_request=lora_requests, use_tqdm=False)
     seconds = time.perf_counter() - start
+    if profile:
+        llm.stop_profile()
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     return {"tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds}
 
@@ -122,6 +136,19 @@ def _run(spec: dict, tmp: Path) -> dict:
     return json.loads(result.read_text())
 
 
+def _add_ratios(rows: list[dict]) -> None:
+    """Each row's tok/s over the same dtype's 1-adapter and full-export rows; prints the table."""
+    print(f"{'dtype':<9} {'case':<24} {'tok/s':>8} {'÷ 1 adapter':>12} {'÷ full export':>14}")
+    for r in rows:
+        same = [o for o in rows if o["dtype"] == r["dtype"]]
+        r["vs_one_adapter"] = r["tok_per_s"] / next(o for o in same if o["adapters"] == 1)["tok_per_s"]
+        r["vs_full_export"] = r["tok_per_s"] / next(o for o in same if o["adapters"] == 0)["tok_per_s"]
+        print(
+            f"{r['dtype']:<9} {r['case']:<24} {r['tok_per_s']:8.1f} {r['vs_one_adapter']:12.2f} "
+            f"{r['vs_full_export']:14.2f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -131,36 +158,39 @@ def main() -> None:
     )
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated serving dtypes")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--profile-dir",
+        type=Path,
+        default=None,
+        help="profile each timed run (slower; a diagnosis, not numbers)",
+    )
     args = parser.parse_args()
     from training.model_store import resolve_model
 
     base = args.base or resolve_model("smollm2-135m-instruct")
-    load_before = os.getloadavg()
+    load_before, started = os.getloadavg(), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="badit-multi-bench-") as tmp_name:
         tmp = Path(tmp_name)
         full, adapters = _build(base, tmp, args.adapters)
         prompts = _prompts(base, args.prompts)
-        common = {"prompts": prompts, "max_tokens": args.max_tokens}
         cases = [("full export", {"model": str(full), "engine": {}}, [])]
         for n in sorted({1, min(4, args.adapters), args.adapters}):
             cases.append((f"multi, {n} adapter(s)", _engine_spec(base, adapters[:n], n), adapters[:n]))
         rows = []
-        for name, spec, used in cases:
-            result = _run({**spec, **common, "adapters": [str(p) for p in used]}, tmp)
-            rows.append({"case": name, "adapters": len(used), **result})
-            print(f"{name:<24} {result['tok_per_s']:8.1f} tok/s", flush=True)
+        for dtype in args.dtypes.split(","):
+            common = {"prompts": prompts, "max_tokens": args.max_tokens, "dtype": dtype}
+            for name, spec, used in cases:
+                profile = {}
+                if args.profile_dir:
+                    profile = {"profile_dir": str((args.profile_dir / f"{dtype}-{len(used)}").resolve())}
+                result = _run({**spec, **common, **profile, "adapters": [str(p) for p in used]}, tmp)
+                rows.append({"case": name, "dtype": dtype, "adapters": len(used), **result})
+                print(f"{dtype:<9} {name:<24} {result['tok_per_s']:8.1f} tok/s", flush=True)
         sizes = {"adapter_mib": _dir_mib(adapters[0]), "full_export_mib": _dir_mib(full)}
-    one = next(r for r in rows if r["adapters"] == 1)["tok_per_s"]
-    for r in rows:
-        r["vs_one_adapter"] = r["tok_per_s"] / one
-        r["vs_full_export"] = r["tok_per_s"] / rows[0]["tok_per_s"]
-    print(f"{'case':<24} {'tok/s':>8} {'÷ 1 adapter':>12} {'÷ full export':>14}")
-    for r in rows:
-        print(
-            f"{r['case']:<24} {r['tok_per_s']:8.1f} {r['vs_one_adapter']:12.2f} {r['vs_full_export']:14.2f}"
-        )
+    _add_ratios(rows)
     print(f"adapter dir {sizes['adapter_mib']:.1f} MiB vs full export {sizes['full_export_mib']:.1f} MiB")
     machine = {
         "platform": platform.platform(),
@@ -174,7 +204,8 @@ def main() -> None:
         "base": str(base),
         "prompts": args.prompts,
         "max_tokens": args.max_tokens,
-        "dtype": "float32",
+        "dtypes": args.dtypes.split(","),
+        "minutes": (time.perf_counter() - started) / 60,
         "rows": rows,
         "sizes": sizes,
     }
