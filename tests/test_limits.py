@@ -172,3 +172,21 @@ def test_inference_requests_beyond_max_in_flight_get_503_before_the_route_runs()
     assert [r.status_code for r in (*held, other, later)] == [200, 200, 200, 200]
     assert refused.status_code == 503 and refused.headers["retry-after"] == "7"
     assert "--max-in-flight" in refused.json()["error"]["message"] and entered.count("/v1/completions") == 3
+
+
+def test_inference_requests_get_503_with_retry_after_once_the_engine_has_stopped() -> None:
+    """After SIGTERM vLLM stops the engine before the HTTP server: requests in between got a 500."""
+
+    class EngineClient:
+        errored = False
+
+    app = Starlette(routes=[Route(p, echo, methods=["POST"]) for p in ("/v1/chat/completions", "/tokenize")])
+    app.add_middleware(BaditGate, limits=LIMITS, api_keys=[])
+    app.state.engine_client = EngineClient()
+    with TestClient(app) as test_client:
+        assert test_client.post("/v1/chat/completions", json=_chat()).status_code == 200
+        app.state.engine_client.errored = True
+        response = test_client.post("/v1/chat/completions", json=_chat())
+        assert response.status_code == 503 and response.headers["retry-after"] == "7"
+        assert "not running" in response.json()["error"]["message"]
+        assert test_client.post("/tokenize", json={"prompt": "x"}).status_code == 200  # not inference

@@ -9,7 +9,6 @@ never fed back), counted on the real tokens only and never during warm-up.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from badit_serve.export_io import load_export
 from tests.badit_exports import make_export
-from tests.server_process import free_port, stop, wait_healthy
+from tests.server_process import StreamResult, free_port, stop, stream_chat, wait_healthy
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
 
@@ -261,18 +260,6 @@ def test_over_limit_and_unknown_role_requests_get_400_and_big_bodies_413(server:
     )
 
 
-@dataclass
-class StreamResult:
-    status: int
-    done: bool = False
-    """The stream ended with `data: [DONE]`."""
-    finish_reason: str | None = None
-    usage: dict | None = None
-    retry_after: str | None = None
-    error: str | None = None
-    """A transport error (connection closed mid-stream)."""
-
-
 async def _stream_chat(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> StreamResult:
     body = {
         "model": MODEL,
@@ -283,26 +270,7 @@ async def _stream_chat(client: httpx.AsyncClient, url: str, prompt: str, max_tok
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    try:
-        async with client.stream(
-            "POST", f"{url}/v1/chat/completions", json=body, headers=HEADERS
-        ) as response:
-            result = StreamResult(response.status_code, retry_after=response.headers.get("retry-after"))
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    result.done = True
-                    continue
-                chunk = json.loads(line[len("data: ") :])
-                if "error" in chunk:  # vLLM reports a failure after the 200 status line as an event
-                    result.error = f"event: {chunk['error'].get('message')}"
-                if chunk.get("choices") and chunk["choices"][0].get("finish_reason"):
-                    result.finish_reason = chunk["choices"][0]["finish_reason"]
-                result.usage = chunk.get("usage") or result.usage
-            return result
-    except httpx.TransportError as exc:
-        return StreamResult(0, error=f"{type(exc).__name__}: {exc}")
+    return await stream_chat(client, url, body, HEADERS)
 
 
 async def _run_streams(url: str, streams: int, per_stream: int, max_tokens: int) -> list[StreamResult]:

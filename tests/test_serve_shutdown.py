@@ -1,0 +1,180 @@
+"""badit-serve stopped under load: SIGTERM to its process (`kill`, `docker stop`) or SIGINT to its whole
+process group (Ctrl-C in a terminal), while 16 clients keep streaming chat requests.
+
+Each client's requests before the signal complete. The one in flight when it arrives either completes or
+ends with a well-formed error event followed by `data: [DONE]` (vLLM aborts in-flight requests unless
+`--shutdown-timeout` gives them time): never a torn event, a stream cut without [DONE], or a hang. Later
+requests are refused at connect. badit-serve exits with code 0, and when it has exited no process of its
+process group (API server, EngineCore, worker, resource tracker) is left; all within SHUTDOWN_BOUND_S.
+
+Before badit_serve.supervisor the API server exited while its SIGKILLed worker and the resource tracker
+still ran, orphaned: the group check below failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.badit_exports import make_export
+from tests.server_process import StreamResult, free_port, stop, stream_chat, wait_healthy
+
+pytestmark = [pytest.mark.slow, pytest.mark.serve]
+
+API_KEY = "sk-badit-test"
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+MODEL = "badit-tiny"
+CLIENTS = 16
+MAX_TOKENS = 200
+SHUTDOWN_BOUND_S = 30  # signal -> badit-serve and every process of its group gone (measured: about 3 s)
+STARTUP_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def export(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_export(tiny_model_dirs["llama"], tmp_path_factory.mktemp("shutdown") / "export")
+
+
+@dataclass
+class Client:
+    """One client's requests, in order; it stops after the first that did not complete."""
+
+    results: list[StreamResult]
+
+    @property
+    def last(self) -> StreamResult:
+        return self.results[-1]
+
+
+def _complete(r: StreamResult) -> bool:
+    return (
+        r.status == 200
+        and r.done
+        and r.error is None
+        and r.finish_reason == "length"
+        and r.usage is not None
+        and r.usage["completion_tokens"] == MAX_TOKENS
+    )
+
+
+ENDINGS = ("aborted stream", "503 + Retry-After", "500 JSON error", "no response")
+
+
+def _kind(r: StreamResult) -> str | None:
+    """How the request a client had going when the signal came ended; None: a torn or truncated stream."""
+    if r.status == 200:  # an error event or finish_reason "abort", then [DONE]
+        return "aborted stream" if r.done and (r.error or r.finish_reason == "abort") else None
+    if r.status == 503:  # the gate: the engine has stopped
+        return "503 + Retry-After"
+    if r.status == 500 and '"error"' in (r.error or ""):  # past the gate as the engine stopped
+        return "500 JSON error"
+    if r.status == 0 and r.events == 0:  # refused, or closed before a status line
+        return "no response"
+    return None
+
+
+def _start(export: Path, root: Path) -> tuple[subprocess.Popen, str, Path]:
+    port = free_port()
+    command = [
+        str(Path(sys.executable).with_name("badit-serve")),
+        str(export),
+        "--port",
+        str(port),
+        "--api-key",
+        API_KEY,
+        "--served-model-name",
+        MODEL,
+        "--max-model-len",
+        "512",
+        "--no-enable-prefix-caching",
+    ]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    log = root / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(proc, url, STARTUP_TIMEOUT_S, lambda: log.read_text(errors="replace")[-6000:])
+    return proc, url, log
+
+
+async def _load_then_signal(url: str, send: Callable[[], None]) -> tuple[list[Client], float]:
+    """CLIENTS clients stream requests back to back; in the middle of their third round of streams,
+    `send()` the signal. Returns the clients and the monotonic time the signal was sent."""
+    completed = 0
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tell a long story."}],
+        "max_tokens": MAX_TOKENS,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    limits = httpx.Limits(max_connections=CLIENTS + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(SHUTDOWN_BOUND_S), limits=limits) as http:
+
+        async def client() -> Client:
+            nonlocal completed
+            results: list[StreamResult] = []
+            while not results or _complete(results[-1]):
+                results.append(await stream_chat(http, url, body, HEADERS))
+                completed += _complete(results[-1])
+            return Client(results)
+
+        tasks = [asyncio.create_task(client()) for _ in range(CLIENTS)]
+        reached: list[float] = []  # when the first and the second round of CLIENTS requests completed
+        while len(reached) < 2 and not any(t.done() for t in tasks):
+            if completed >= CLIENTS * (len(reached) + 1):
+                reached.append(time.monotonic())
+            await asyncio.sleep(0.02)
+        # The clients run in step (same prompt and length): half a round later every stream is mid-way.
+        await asyncio.sleep((reached[1] - reached[0]) / 2)
+        sent = time.monotonic()
+        send()
+        clients = await asyncio.wait_for(asyncio.gather(*tasks), SHUTDOWN_BOUND_S)
+    return clients, sent
+
+
+@pytest.mark.parametrize("how", ["sigterm-to-process", "sigint-to-group"])
+def test_signal_under_load_ends_every_stream_cleanly_and_the_process_group_within_bound(
+    export: Path, tmp_path: Path, how: str
+) -> None:
+    proc, url, log = _start(export, tmp_path)
+    try:
+        if how == "sigterm-to-process":
+            send = lambda: proc.send_signal(signal.SIGTERM)  # noqa: E731
+        else:
+            send = lambda: os.killpg(proc.pid, signal.SIGINT)  # noqa: E731
+        clients, sent = asyncio.run(_load_then_signal(url, send))
+        code = proc.wait(timeout=max(1.0, SHUTDOWN_BOUND_S - (time.monotonic() - sent)))
+        exited_s = time.monotonic() - sent
+        with pytest.raises(ProcessLookupError):  # the group is empty the moment badit-serve has exited
+            os.killpg(proc.pid, 0)
+    finally:
+        stop(proc)
+    tail = log.read_text(errors="replace")[-3000:]
+    assert code == 0, tail
+    assert exited_s < SHUTDOWN_BOUND_S
+    warm = [r for c in clients for r in c.results[:-1]]
+    assert len(warm) >= 2 * CLIENTS and all(_complete(r) for r in warm)
+    in_flight = [c.last for c in clients]
+    kinds = {kind: [r for r in in_flight if _kind(r) == kind] for kind in ENDINGS}
+    assert sum(map(len, kinds.values())) == CLIENTS, [r for r in in_flight if _kind(r) is None]
+    assert kinds["aborted stream"], f"no stream was in flight when the signal arrived: {in_flight}"
+    assert all(r.retry_after for r in kinds["503 + Retry-After"])
+    counts = ", ".join(f"{len(rs)} {kind}" for kind, rs in kinds.items())
+    print(
+        f"{how}: exit code {code} after {exited_s:.1f} s, process group empty; {len(warm)} completed before; {counts}"
+    )
