@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -40,6 +40,7 @@ from badit_serve.export_io import (
 from badit_serve.format import (
     FORMAT_VERSION,
     ROUTING_TABLE_FILE,
+    STRICT,
     WEIGHTS_FILE,
     WEIGHTS_INDEX_FILE,
     BaditBlock,
@@ -65,13 +66,12 @@ SLOTS_CONFIG_KEY = "badit_slots"
 """The hf_config key (set by badit-serve through --hf-overrides) that selects multi-adapter mode."""
 LORA_TARGET = "gate_up_proj"
 """The vLLM module that carries an adapted layer's slots (adapters' gate_proj tensors pack into it)."""
-_STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class AdapterInfo(BaseModel):
     """badit_adapter.json."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     format_version: int = FORMAT_VERSION
     block: BaditBlock
@@ -278,7 +278,7 @@ class SlotGeometry(BaseModel):
     """What every adapter served side by side over one base must share (static shapes), and the number of
     adapter slots. Passed to the vLLM model classes as the `badit_slots` config key (`--hf-overrides`)."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     num_experts: int = Field(ge=1)
     rank: int = Field(ge=1)

@@ -28,13 +28,15 @@ WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 EXPERT_MARK = ".badit_"
 """Every expert tensor name contains this (`<prefix>.badit_gate.lora_a`); no base tensor does."""
 
-_STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+"""The one pydantic config of the project's typed files (format, adapters, HTTP schemas, training configs):
+unknown keys refused, attribute docstrings become field descriptions."""
 
 
 class BaditBlock(BaseModel):
     """The `badit` block of config.json: everything needed to run the routed layers."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     format_version: int = FORMAT_VERSION
     """Export format version; readers reject versions they do not know."""
@@ -67,7 +69,7 @@ class BaditBlock(BaseModel):
 class Component(BaseModel):
     """One rank-1 component: where it came from."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     svd_index: int = Field(ge=0)
     """Index in the base weight's SVD (or the initial slot for LoRA-initialised experts)."""
@@ -78,7 +80,7 @@ class Component(BaseModel):
 class ExpertEntry(BaseModel):
     """One expert of one layer."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     expert: int = Field(ge=0)
     components: list[Component]
@@ -92,7 +94,7 @@ class ExpertEntry(BaseModel):
 class LayerEntry(BaseModel):
     """The experts of one adapted module."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     module: str
     """Full module name, e.g. model.layers.0.mlp.gate_proj."""
@@ -102,7 +104,7 @@ class LayerEntry(BaseModel):
 class RoutingTable(BaseModel):
     """routing_table.json."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     format_version: int = FORMAT_VERSION
     layers: list[LayerEntry]
@@ -113,7 +115,7 @@ class RoutingTable(BaseModel):
 
 
 class FileEntry(BaseModel):
-    model_config = _STRICT
+    model_config = STRICT
 
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
@@ -122,7 +124,7 @@ class FileEntry(BaseModel):
 class Manifest(BaseModel):
     """badit_manifest.json: every file of the export except itself."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     format_version: int = FORMAT_VERSION
     files: dict[str, FileEntry]

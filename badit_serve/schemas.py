@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from badit_serve.format import RoutingTable
+from badit_serve.format import STRICT, RoutingTable
 from badit_serve.routing import RouterMode
-
-_STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class ExpertCounts(BaseModel):
     """Live counts of one expert of one layer."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     expert: int = Field(ge=0)
     label: str | None = None
@@ -27,7 +25,7 @@ class ExpertCounts(BaseModel):
 
 
 class LayerCounts(BaseModel):
-    model_config = _STRICT
+    model_config = STRICT
 
     module: str
     """Adapted module, e.g. model.layers.0.mlp.gate_proj."""
@@ -41,7 +39,7 @@ class LayerCounts(BaseModel):
 class ExpertsResponse(BaseModel):
     """`GET /v1/badit/experts`: the routing table and the live per-expert counts."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     object: Literal["badit.experts"] = "badit.experts"
     model: str

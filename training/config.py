@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
+from badit_serve.format import STRICT
 from training.adapters.config import AdapterConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -22,13 +23,10 @@ def superni_dir_from_env() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-_STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
-
 class ModelConfig(BaseModel):
     """The base model to adapt."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     name_or_path: str = DEFAULT_MODEL
     """A local Hugging Face model directory, or the alias 'smollm2-135m-instruct' (prepared offline)."""
@@ -39,7 +37,7 @@ class ModelConfig(BaseModel):
 class DataConfig(BaseModel):
     """Which SuperNI tasks and how they become token sequences."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     superni_dir: Path | None = Field(default_factory=superni_dir_from_env)
     """Directory with one folder per task holding train.json and test.json (read in place, never copied);
@@ -63,7 +61,7 @@ class DataConfig(BaseModel):
 class TrainConfig(BaseModel):
     """Optimiser, schedule and training mode."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     mode: Literal["mixed", "sequential", "single"] = "mixed"
     """mixed: all tasks shuffled together; sequential: one task after another; single: each task alone."""
@@ -100,7 +98,7 @@ class TrainConfig(BaseModel):
 class EvalConfig(BaseModel):
     """Greedy-generation evaluation."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     max_new_tokens: int = Field(50, ge=1, le=4096)
     """Generated tokens per test instance."""
@@ -115,7 +113,7 @@ class EvalConfig(BaseModel):
 class OutputConfig(BaseModel):
     """Where a run writes and how often it checkpoints."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     dir: Path = Path("runs/latest")
     """Run directory (config, metrics.jsonl, checkpoints, scores, report)."""
@@ -128,7 +126,7 @@ class OutputConfig(BaseModel):
 class RunConfig(BaseModel):
     """A complete Badit run: one YAML file in configs/ maps onto exactly this model."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     """The base model."""

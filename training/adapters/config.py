@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from badit_serve.format import STRICT
 from badit_serve.routing import RouterMode
 
 InitMode = Literal["bad", "bad-residual", "lora", "pissa", "olora"]
@@ -71,7 +72,7 @@ class ResolvedAdapter:
 class DogConfig(BaseModel):
     """Dynamically orthogonal grouping (DOG): when and how rank-1 components are regrouped."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = STRICT
 
     enabled: bool = True
     """Regroup components during training (False gives the 'w/o DOG' ablation)."""
@@ -94,7 +95,7 @@ class BranchConfig(BaseModel):
     """Per-task branches of the continual-learning baselines (O-LoRA, GainLoRA): one LoRA branch of rank
     `adapter.rank` per training stage; earlier branches are frozen while a later stage trains."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = STRICT
 
     count: int = Field(1, ge=1, le=64)
     """Branches allocated; at least the number of sequential stages (mixed and single use one)."""
@@ -111,7 +112,7 @@ class AdapterConfig(BaseModel):
     given explicitly wins. Invalid combinations (e.g. top_k > num_experts) are rejected.
     """
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = STRICT
 
     method: str = "badit"
     """Preset from `METHODS`: badit (BAD init + top-k router + DOG), lora, pissa, olora (peft's QR init),
