@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -204,6 +205,27 @@ def check_servable(model: nn.Module) -> None:
             )
 
 
+@dataclass(frozen=True)
+class ExportParts:
+    """What every export of a model writes, full or adapter-only."""
+
+    block: BaditBlock
+    tensors: dict[str, torch.Tensor]
+    routing_table: RoutingTable
+
+
+def export_parts(
+    model: nn.Module,
+    dog_history: list[dict] | None,
+    task_shares: dict[str, dict[str, list[float]]] | None,
+) -> ExportParts:
+    """The badit block, tensors and routing table of `model`, once it is known to be servable."""
+    check_servable(model)
+    return ExportParts(
+        badit_block(model), export_tensors(model), routing_table(model, dog_history, task_shares)
+    )
+
+
 def export_model(
     model: nn.Module,
     model_dir: Path,
@@ -214,16 +236,16 @@ def export_model(
     force: bool = False,
 ) -> Path:
     """Write `model` (adapted, from the base directory `model_dir`) as a self-contained export."""
-    check_servable(model)
+    parts = export_parts(model, dog_history, task_shares)
     config = model.config.to_dict()
     config.pop("badit", None)
     copy_files = [model_dir / f for f in COPIED_MODEL_FILES if (model_dir / f).is_file()]
     return write_export(
         Path(out_dir),
         config=config,
-        block=badit_block(model),
-        tensors=export_tensors(model),
-        routing_table=routing_table(model, dog_history, task_shares),
+        block=parts.block,
+        tensors=parts.tensors,
+        routing_table=parts.routing_table,
         copy_files=copy_files,
         force=force,
     )
@@ -240,11 +262,10 @@ def export_adapter(
 ) -> Path:
     """Write only the experts, routers and routing table of `model` (see `badit_serve.adapter`), with the
     fingerprint of the base in `model_dir`. Refused when a residual differs from the base weight."""
-    check_servable(model)
-    block = badit_block(model)
+    parts = export_parts(model, dog_history, task_shares)
+    block, tensors = parts.block, parts.tensors
     check_shareable(block)
     base = read_base_tensors(Path(model_dir), [f"{m}.weight" for m in block.adapted_modules])
-    tensors = export_tensors(model)
     for module in block.adapted_modules:
         if not torch.equal(tensors[f"{module}.weight"].float(), base[f"{module}.weight"].float()):
             raise ExportError(
@@ -259,8 +280,9 @@ def export_adapter(
         }
     fingerprint = base_dir_fingerprint(Path(model_dir), block.adapted_modules, base)  # no second read
     info = AdapterInfo(block=block, base_fingerprint=fingerprint, base_model=str(model_dir))
-    table = routing_table(model, dog_history, task_shares)
-    return write_adapter(Path(out_dir), info=info, experts=experts, routing_table=table, force=force)
+    return write_adapter(
+        Path(out_dir), info=info, experts=experts, routing_table=parts.routing_table, force=force
+    )
 
 
 def write_plain_model(
