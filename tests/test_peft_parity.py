@@ -1,4 +1,4 @@
-"""LoRA and PiSSA presets against peft's `LoraConfig` on the same layers (litgpt-style parity)."""
+"""LoRA, PiSSA and OLoRA presets against peft's `LoraConfig` on the same layers (litgpt-style parity)."""
 
 from __future__ import annotations
 
@@ -54,34 +54,32 @@ def test_lora_matches_peft(tiny_model_dirs: dict[str, Path], family: str) -> Non
     torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_pissa_matches_peft(tiny_model_dirs: dict[str, Path], family: str) -> None:
-    rank, alpha = 4, 8.0
+@pytest.mark.parametrize(
+    ("method", "family", "alpha", "seed"),
+    [
+        ("pissa", "llama", 8.0, 1),
+        ("pissa", "gemma2", 8.0, 1),
+        # `olora` is peft's init_lora_weights="olora" (the authors' config/olora.config): QR factors,
+        # residual base, B orthonormal.
+        ("olora", "llama", 32.0, 2),
+        ("olora", "qwen3", 32.0, 2),
+    ],
+)
+def test_factor_initialised_presets_match_peft(
+    tiny_model_dirs: dict[str, Path], method: str, family: str, alpha: float, seed: int
+) -> None:
+    """PiSSA and OLoRA: the same factors and residual base as peft's init, so the same logits."""
+    rank = 4
     ours = apply_adapters(
-        _load(tiny_model_dirs[family]), AdapterConfig(method="pissa", rank=rank, alpha=alpha, dropout=0.0)
+        _load(tiny_model_dirs[family]), AdapterConfig(method=method, rank=rank, alpha=alpha, dropout=0.0)
     )
-    theirs = _peft_model(tiny_model_dirs[family], "pissa", rank, alpha)
+    theirs = _peft_model(tiny_model_dirs[family], method, rank, alpha)
     for layer, peft_layer in zip(adapted_layers(ours).values(), _peft_layers(theirs), strict=True):
         torch.testing.assert_close(layer.lora_a, peft_layer.lora_A["default"].weight, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(layer.lora_b, peft_layer.lora_B["default"].weight, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(layer.base.weight, peft_layer.base_layer.weight, atol=1e-6, rtol=1e-6)
-    ids = torch.randint(3, 1000, (2, 10), generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_olora_matches_peft(tiny_model_dirs: dict[str, Path], family: str) -> None:
-    """`olora` is peft's init_lora_weights="olora" (the authors' config/olora.config): QR factors, residual base."""
-    rank, alpha = 4, 32.0
-    ours = apply_adapters(
-        _load(tiny_model_dirs[family]), AdapterConfig(method="olora", rank=rank, alpha=alpha, dropout=0.0)
-    )
-    theirs = _peft_model(tiny_model_dirs[family], "olora", rank, alpha)
-    for layer, peft_layer in zip(adapted_layers(ours).values(), _peft_layers(theirs), strict=True):
-        torch.testing.assert_close(layer.lora_a, peft_layer.lora_A["default"].weight, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(layer.lora_b, peft_layer.lora_B["default"].weight, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(layer.base.weight, peft_layer.base_layer.weight, atol=1e-6, rtol=1e-6)
-        eye = torch.eye(rank)
-        torch.testing.assert_close(layer.lora_b.t() @ layer.lora_b, eye, atol=1e-5, rtol=0)  # orthonormal B
-    ids = torch.randint(3, 1000, (2, 10), generator=torch.Generator().manual_seed(2))
+        if method == "olora":
+            eye = torch.eye(rank)
+            torch.testing.assert_close(layer.lora_b.t() @ layer.lora_b, eye, atol=1e-5, rtol=0)
+    ids = torch.randint(3, 1000, (2, 10), generator=torch.Generator().manual_seed(seed))
     torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-5, rtol=1e-5)
