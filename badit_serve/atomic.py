@@ -10,13 +10,21 @@ aside, new renamed in, old removed). On any exception, `KeyboardInterrupt` inclu
 is removed and the target is left as it was. Files and directories are fsynced before the rename, and the
 result is world-readable (0755 / 0644): `mkdtemp` makes 0700 and safetensors >= 0.8 writes 0600, but a
 server running as another user (e.g. the container image's) must read exports and prepared models.
+
+A writer killed outright (kill -9, power loss) leaves its staging directory `.NAME.partial.PID@HOST.xxx`
+(or, killed between the two renames of a `--force` swap, the old target aside as `.NAME.old.PID@HOST.xxx`)
+beside the target. The next write to the same target removes those whose writer is gone (`clean_stale`):
+same host, and no process with that pid; an old target aside is renamed back when the target is missing.
+A live writer's directories, another host's, and unowned names from before pids were recorded are left.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,12 +68,52 @@ def check_target(target: Path, force: bool) -> None:
         raise TargetExistsError(f"{target}: already exists (use --force to replace it)")
 
 
+def owner_tag() -> str:
+    """PID@HOST of this process, as written into the names of its temporary siblings."""
+    return f"{os.getpid()}@{re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())}"
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    """A fresh empty directory `.NAME.KIND.PID@HOST.xxx` beside `target`."""
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}.{owner_tag()}.", dir=target.parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale(target: Path) -> list[Path]:
+    """Remove the temporary siblings of `target` left by dead writers on this host; returns them.
+
+    A `.old.` one (the previous target, moved aside by a killed `--force` swap) is renamed back when
+    `target` is missing, else removed."""
+    host = owner_tag().split("@", 1)[1]
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(partial|old)\.(\d+)@{re.escape(host)}\.")
+    cleaned = []
+    for path in target.parent.glob(f".{target.name}.*"):
+        match = pattern.match(path.name)
+        if not match or not path.is_dir() or _alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not target.exists():
+            path.rename(target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        cleaned.append(path)
+    return cleaned
+
+
 def _swap_in(staging: Path, target: Path) -> None:
     """Rename `staging` to `target`; an existing target is moved aside first and removed afterwards."""
     if not target.exists():
         staging.rename(target)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    old = _sibling(target, "old")
     old.rmdir()  # a fresh unused name for the old directory
     target.rename(old)
     try:
@@ -80,9 +128,11 @@ def _swap_in(staging: Path, target: Path) -> None:
 def atomic_directory(target: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
     """Yield a staging directory beside `target`; on normal exit it becomes `target` (see module doc)."""
     target = Path(target)
+    if target.parent.is_dir():
+        clean_stale(target)  # first: it may put back a target a killed --force swap had moved aside
     check_target(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial.", dir=target.parent))
+    staging = _sibling(target, "partial")
     try:
         yield staging
         make_world_readable(staging)

@@ -3,7 +3,7 @@
 - kill -9 of badit-train while it writes a checkpoint, then --resume: it continues from the last complete
   checkpoint and ends with the same weights as an uninterrupted run;
 - kill -9 of badit-export while it writes: nothing appears at OUT_DIR (or the old export stays), and a
-  re-run succeeds;
+  re-run succeeds and removes the killed writer's staging directory;
 - a full disk (a real small tmpfs mount, so writes fail with ENOSPC as on a full disk) during a checkpoint
   and during an export: one clear error line, exit code 1, the previous checkpoint or export intact.
 
@@ -166,8 +166,10 @@ def test_kill_9_during_export_leaves_no_partial_out_dir_and_a_rerun_succeeds(ref
         "badit_serve.export_io", "training.cli.export", 1, [str(reference), str(out_dir)], tmp_path
     )
     assert not out_dir.exists()
+    (leftover,) = tmp_path.glob(".export.partial.*")  # the killed writer's staging, named with its pid
     assert export_main([str(reference), str(out_dir)]) == 0
     load_export(out_dir)  # complete: every checksum matches
+    assert not leftover.exists()  # the re-run removed it: its writer is dead
     before = {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()}
     _killed_at_write(
         "badit_serve.export_io", "training.cli.export", 1, [str(reference), str(out_dir), "--force"], tmp_path
@@ -175,6 +177,7 @@ def test_kill_9_during_export_leaves_no_partial_out_dir_and_a_rerun_succeeds(ref
     assert {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()} == before  # the old one, whole
     assert export_main([str(reference), str(out_dir), "--force"]) == 0
     load_export(out_dir)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".export")) == []  # nothing left
 
 
 def test_full_disk_during_export_gives_a_clear_error_and_keeps_the_previous_export(

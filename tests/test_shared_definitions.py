@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from badit_serve.architectures import FAMILIES, MODEL_CLASSES, SUPPORTED_MODEL_TYPES
-from badit_serve.atomic import TargetExistsError, atomic_directory, atomic_write_text
+from badit_serve.atomic import TargetExistsError, atomic_directory, atomic_write_text, clean_stale, owner_tag
 from badit_serve.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_cli
 from training.config import SUPERNI_DIR_ENV, DataConfig
 from training.data import DataError, load_tasks
@@ -48,6 +51,44 @@ def test_atomic_directory_interrupted_leaves_the_old_target(tmp_path: Path) -> N
         (staging / "half.txt").write_text("half")
         raise KeyboardInterrupt
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "keep.txt").read_text() == "mine"
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_atomic_directory_removes_dead_writers_leftovers_but_not_a_live_writers(tmp_path: Path) -> None:
+    """A writer killed by kill -9 leaves .NAME.partial.PID@HOST.xxx (tests/test_faults.py kills one for real)."""
+    target = tmp_path / "out"
+    host = owner_tag().split("@", 1)[1]
+    dead = tmp_path / f".out.partial.{_dead_pid()}@{host}.abc"
+    live = tmp_path / f".out.partial.{os.getpid()}@{host}.def"  # this process: a writer still at work
+    other_host = tmp_path / f".out.partial.{_dead_pid()}@elsewhere.ghi"  # its pid means nothing here
+    unowned = tmp_path / ".out.partial.jkl"  # the name before pids were recorded
+    other_target = tmp_path / f".outer.partial.{_dead_pid()}@{host}.mno"
+    for leftover in (dead, live, other_host, unowned, other_target):
+        leftover.mkdir()
+        (leftover / "half.safetensors").write_bytes(b"\0" * 10)
+    with atomic_directory(target) as staging:
+        assert staging.name.startswith(f".out.partial.{os.getpid()}@{host}.")
+        (staging / "a.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["out", live.name, other_host.name, unowned.name, other_target.name]
+    )
+
+
+def test_a_target_moved_aside_by_a_killed_force_swap_is_put_back(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    aside = tmp_path / f".out.old.{_dead_pid()}@{owner_tag().split('@', 1)[1]}.abc"
+    aside.mkdir()
+    (aside / "keep.txt").write_text("previous")
+    with pytest.raises(TargetExistsError), atomic_directory(target) as staging:
+        (staging / "a.txt").write_text("new")
+    assert (target / "keep.txt").read_text() == "previous" and not aside.exists()
+    assert clean_stale(target) == []
 
 
 def test_atomic_write_text_replaces_the_file(tmp_path: Path) -> None:
