@@ -67,13 +67,18 @@ class StreamResult:
 
 
 async def stream_chat(
-    client: httpx.AsyncClient, url: str, body: dict, headers: dict[str, str]
+    client: httpx.AsyncClient,
+    url: str,
+    body: dict,
+    headers: dict[str, str],
+    result: StreamResult | None = None,
 ) -> StreamResult:
     """POST a streaming chat request to `url`/v1/chat/completions and read it to its end.
 
     Every `data:` event must be JSON or `[DONE]` (a torn event raises). A transport error after the
-    status line keeps that status with done=False: a truncated stream, unlike a refused connection."""
-    result = StreamResult(0)
+    status line keeps that status with done=False: a truncated stream, unlike a refused connection.
+    `result`, when given, is filled as the stream arrives (for a caller watching its progress)."""
+    result = StreamResult(0) if result is None else result
     try:
         async with client.stream(
             "POST", f"{url}/v1/chat/completions", json=body, headers=headers

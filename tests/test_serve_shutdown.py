@@ -111,8 +111,9 @@ def _start(export: Path, root: Path) -> tuple[subprocess.Popen, str, Path]:
 
 
 async def _load_then_signal(url: str, send: Callable[[], None]) -> tuple[list[Client], float]:
-    """CLIENTS clients stream requests back to back; in the middle of their third round of streams,
-    `send()` the signal. Returns the clients and the monotonic time the signal was sent."""
+    """CLIENTS clients stream requests back to back; once 2 × CLIENTS have completed and at least half the
+    streams in progress are mid-way (past 10 events, before 3/4 of them), `send()` the signal. Returns the clients and the
+    monotonic time the signal was sent."""
     completed = 0
     body = {
         "model": MODEL,
@@ -124,23 +125,25 @@ async def _load_then_signal(url: str, send: Callable[[], None]) -> tuple[list[Cl
     }
     limits = httpx.Limits(max_connections=CLIENTS + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(SHUTDOWN_BOUND_S), limits=limits) as http:
+        current: list[StreamResult | None] = [None] * CLIENTS  # each client's request in progress
 
-        async def client() -> Client:
+        async def client(c: int) -> Client:
             nonlocal completed
             results: list[StreamResult] = []
             while not results or _complete(results[-1]):
-                results.append(await stream_chat(http, url, body, HEADERS))
+                current[c] = StreamResult(0)
+                results.append(await stream_chat(http, url, body, HEADERS, current[c]))
                 completed += _complete(results[-1])
             return Client(results)
 
-        tasks = [asyncio.create_task(client()) for _ in range(CLIENTS)]
-        reached: list[float] = []  # when the first and the second round of CLIENTS requests completed
-        while len(reached) < 2 and not any(t.done() for t in tasks):
-            if completed >= CLIENTS * (len(reached) + 1):
-                reached.append(time.monotonic())
-            await asyncio.sleep(0.02)
-        # The clients run in step (same prompt and length): half a round later every stream is mid-way.
-        await asyncio.sleep((reached[1] - reached[0]) / 2)
+        tasks = [asyncio.create_task(client(c)) for c in range(CLIENTS)]
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not any(t.done() for t in tasks):  # the signal goes when most streams are mid-way
+            mid_way = [r for r in current if r and r.status == 200 and 10 < r.events < MAX_TOKENS * 3 // 4]
+            if completed >= 2 * CLIENTS and len(mid_way) >= CLIENTS // 2:
+                break
+            assert time.monotonic() < deadline, f"never half the streams mid-way: {current}"
+            await asyncio.sleep(0.01)
         sent = time.monotonic()
         send()
         clients = await asyncio.wait_for(asyncio.gather(*tasks), SHUTDOWN_BOUND_S)
