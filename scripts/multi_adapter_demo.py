@@ -76,15 +76,17 @@ def banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
-def run(args: list[str], timeout: float) -> str:
-    """Run a CLI step (its stderr passes through); its stdout is returned. A clear error if it fails."""
+def run(args: list[str], timeout: float, capture: bool = False) -> str:
+    """Run a CLI step (its output passes through unless `capture`: then its stdout is returned); a clear
+    error if it fails or runs past `timeout`."""
     try:
-        done = subprocess.run(args, cwd=ROOT, check=True, timeout=timeout, stdout=subprocess.PIPE, text=True)
+        out = subprocess.PIPE if capture else None
+        done = subprocess.run(args, cwd=ROOT, check=True, timeout=timeout, stdout=out, text=True)
     except subprocess.CalledProcessError as exc:
         raise DemoError(f"{' '.join(args[:3])} ... exited with code {exc.returncode}") from exc
     except subprocess.TimeoutExpired as exc:
         raise DemoError(f"{' '.join(args[:3])} ... did not finish in {timeout:.0f} s") from exc
-    return done.stdout
+    return done.stdout or ""
 
 
 def trained(job: AdapterJob) -> bool:
@@ -354,14 +356,13 @@ def main() -> int:
         ),
     ]
     try:
-        base_dir = Path(run([str(BIN / "badit-model"), "path"], 60).strip())
+        base_dir = Path(run([str(BIN / "badit-model"), "path"], 60, capture=True).strip())
         banner(f"1/5 Base model {base_dir}; SuperNI read in place from {os.environ.get('BADIT_SUPERNI_DIR')}")
         banner("2/5 Two quickstart-sized trainings on different task sets, each exported adapter-only")
         for job in jobs:
             train_and_export(job, args.retrain, args.timeout_train)
-        answers = serve_and_ask(
-            base_dir, jobs, args.port or free_port(), ROOT / "runs" / "multi-demo-serve.log"
-        )
+        log_path = ROOT / "runs" / "multi-demo-serve.log"
+        answers = serve_and_ask(base_dir, jobs, demo_prompts(jobs), args.port or free_port(), log_path)
         banner("5/5 Every served answer against the reference loader (transformers, float32)")
         check_reference(base_dir, jobs, answers)
     except (DemoError, ServerError) as exc:
