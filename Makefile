@@ -23,10 +23,7 @@ test: setup  ## the whole test suite, slow integration tests included (what CI r
 test-fast: setup  ## the unit tier (< 1 min): no servers, no whole trainings, no default model runs
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow and not serve and not train" tests
 
-image-multi-demo: setup  ## two adapters (different task sets) over one base in one server; reuses finished runs
-	$(PY) scripts/multi_adapter_demo.py
-
-test: setup  ## build the CPU container image with podman and smoke-test it (root; minutes; not part of CI)
+image-test: setup  ## build the CPU container image with podman and smoke-test it (root; minutes; not part of CI)
 	bash scripts/image_test.sh
 
 gpu-check:  ## on a CUDA machine: the gpu-marked tests and a 200-step Badit/LoRA/LoRAMoE timing (see the script for what to carry)
