@@ -168,22 +168,21 @@ def check_body(body: Any, limits: RequestLimits) -> Violation | None:
     return None
 
 
+def _unavailable(limits: RequestLimits, why: str) -> Violation:
+    """503 (sent with Retry-After) saying why and when to retry."""
+    return Violation(HTTPStatus.SERVICE_UNAVAILABLE, None, f"{why}; retry after {limits.retry_after_s} s")
+
+
 def _busy(limits: RequestLimits) -> Violation:
-    return Violation(
-        HTTPStatus.SERVICE_UNAVAILABLE,
-        None,
+    return _unavailable(
+        limits,
         f"the server is busy: {limits.max_in_flight} requests are in progress, its limit "
-        f"(badit-serve --max-in-flight); retry after {limits.retry_after_s} s",
+        "(badit-serve --max-in-flight)",
     )
 
 
 def _stopped(limits: RequestLimits) -> Violation:
-    return Violation(
-        HTTPStatus.SERVICE_UNAVAILABLE,
-        None,
-        f"the engine is not running (the server is shutting down, or it failed); retry after "
-        f"{limits.retry_after_s} s",
-    )
+    return _unavailable(limits, "the engine is not running (the server is shutting down, or it failed)")
 
 
 def engine_stopped(scope: Scope) -> bool:

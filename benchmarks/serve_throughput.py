@@ -303,8 +303,9 @@ def start_server(engine: str, dtype: str, common: dict, port: int, log: Path) ->
     if engine == "badit":
         command = [str(BIN / "badit-serve"), common["export"], *options]
     else:
-        code = "import sys; from badit_serve.cli import run_vllm_server; run_vllm_server(sys.argv[1:])"
-        command = [sys.executable, "-c", code, common["base"], "--host", "127.0.0.1", *options]
+        from badit_serve.cli import vllm_server_command
+
+        command = vllm_server_command([common["base"], "--host", "127.0.0.1", *options])
     env = engine_env(log.parent / "cache" / f"online-{engine}-{dtype}")
     return subprocess.Popen(command, cwd=log.parent, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from badit_serve.reference import load_reference_model
 from tests.devices import CUDA, Precision
-from tests.test_train import InterruptAfter, _overrides
+from tests.test_train import RESUME_OVERRIDES, InterruptAfter, _overrides
 from training.adapters import (
     AdapterConfig,
     accumulate_dog_signal,
@@ -88,14 +88,7 @@ def test_export_of_a_cuda_model_round_trips_through_the_reference_loader(
 def test_killed_run_resumes_to_the_same_weights_on_cuda(tiny_model_dirs, superni_dir, tmp_path) -> None:
     """run() picks CUDA when present (bf16 autocast on by default there). cuBLAS may reorder sums, so
     the comparison allows float32 noise rather than demanding bitwise equality."""
-    extra = {
-        "train.max_steps": 6,
-        "output.checkpoint_every": 1,
-        "adapter.dropout": 0.1,
-        "eval.enabled": "false",
-        "adapter.dog.schedule": "every_n_steps",
-        "adapter.dog.every_n_steps": 4,
-    }
+    extra = RESUME_OVERRIDES
     model_dir = tiny_model_dirs["llama"]
     whole = load_config(None, _overrides(model_dir, superni_dir, tmp_path / "whole", **extra))
     run(whole, show_progress=False)

@@ -107,16 +107,19 @@ def test_run_dir_with_results_needs_force(tiny_model_dirs, superni_dir, tmp_path
     assert _cli(overrides, "--force") == 0
 
 
+RESUME_OVERRIDES = {
+    "train.max_steps": 6,
+    "output.checkpoint_every": 1,
+    "adapter.dropout": 0.1,
+    "eval.enabled": "false",
+    "adapter.dog.schedule": "every_n_steps",
+    "adapter.dog.every_n_steps": 4,
+}
+"""A short run with a checkpoint every step, dropout and a DOG regroup: what the kill-and-resume tests run."""
+
+
 def test_killed_run_resumes_to_identical_weights(tiny_model_dirs, superni_dir, tmp_path) -> None:
-    extra = {
-        "train.max_steps": 6,
-        "output.checkpoint_every": 1,
-        "adapter.dropout": 0.1,
-        "eval.enabled": "false",
-        "adapter.dog.schedule": "every_n_steps",
-        "adapter.dog.every_n_steps": 4,
-        "train.grad_accum": 2,
-    }
+    extra = {**RESUME_OVERRIDES, "train.grad_accum": 2}
     whole = load_config(None, _overrides(tiny_model_dirs["qwen3"], superni_dir, tmp_path / "whole", **extra))
     run(whole, show_progress=False)
     killed = load_config(
