@@ -28,16 +28,15 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from badit_serve.server_process import ServerError, ServerProcess, free_port, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -282,14 +281,9 @@ def run_offline(engine: str, dtype: str, round_: int, common: dict, work: Path) 
 # ---------------------------------------------------------------- online rows (badit-serve vs the same server on base)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(engine: str, dtype: str, common: dict, port: int, log: Path) -> subprocess.Popen:
+def start_online_server(engine: str, dtype: str, common: dict, log: Path) -> ServerProcess:
     """badit-serve on the export, or the same vLLM server code (badit_serve.cli.run_vllm_server) on the base."""
+    port = free_port()
     options = [
         "--port",
         str(port),
@@ -307,22 +301,7 @@ def start_server(engine: str, dtype: str, common: dict, port: int, log: Path) ->
 
         command = vllm_server_command([common["base"], "--host", "127.0.0.1", *options])
     env = engine_env(log.parent / "cache" / f"online-{engine}-{dtype}")
-    return subprocess.Popen(command, cwd=log.parent, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"server not ready after {timeout:.0f} s")
+    return start_server(command, port=port, log=log, cwd=log.parent, env=env, name=f"{engine} server")
 
 
 async def stream_clients(
@@ -366,27 +345,21 @@ async def stream_clients(
 
 
 def run_online(engine: str, dtype: str, common: dict, work: Path) -> OnlineRow:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = work / f"serve-{engine}-{dtype}.log"
     start = time.perf_counter()
-    proc = start_server(engine, dtype, common, port, log)
+    server = start_online_server(engine, dtype, common, work / f"serve-{engine}-{dtype}.log")
     try:
-        wait_ready(url, proc)
+        server.wait_healthy(timeout_s=900, poll_s=0.5)  # a ServerError carries the log's tail
         ready_s = time.perf_counter() - start
-        asyncio.run(stream_clients(url, common["chats"][:4], 4, 8))  # warm-up
+        asyncio.run(stream_clients(server.url, common["chats"][:4], 4, 8))  # warm-up
         tokens, seconds, ttfts = asyncio.run(
-            stream_clients(url, common["chats"], common["clients"], common["max_tokens"])
+            stream_clients(server.url, common["chats"], common["clients"], common["max_tokens"])
         )
-    except Exception:
-        print(log.read_text()[-3000:], file=sys.stderr)
+    except Exception as exc:
+        if not isinstance(exc, ServerError):
+            print(server.log_tail(), file=sys.stderr)
         raise
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
     ttfts.sort()
     row = OnlineRow(
         engine,

@@ -17,8 +17,7 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_process import free_port, start_server, stop_server, wait_healthy  # noqa: E402
+from badit_serve.server_process import free_port, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -69,7 +68,6 @@ def main() -> None:
 
     banner("4/5 Serving with vLLM (engine start takes about a minute on 2 cores)")
     port = args.port or free_port()
-    base = f"http://127.0.0.1:{port}"
     log_path = ROOT / args.run_dir / "serve.log"
     print(f"server log: {log_path}", flush=True)
     server = start_server(
@@ -81,11 +79,13 @@ def main() -> None:
             "--served-model-name",
             "badit-quickstart",
         ],
-        ROOT,
-        log_path,
+        port=port,
+        log=log_path,
+        cwd=ROOT,
     )
     try:
-        wait_healthy(base, server, log_path)
+        server.wait_healthy(timeout_s=600, poll_s=2)
+        base = server.url
         from openai import OpenAI
 
         client = OpenAI(base_url=f"{base}/v1", api_key="unused")
@@ -113,7 +113,7 @@ def main() -> None:
             experts = json.loads(response.read())
         print(f"\n/v1/badit/experts: {len(experts.get('layers', []))} layers in the routing table")
     finally:
-        stop_server(server)
+        server.stop()
 
 
 if __name__ == "__main__":

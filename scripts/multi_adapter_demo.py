@@ -31,9 +31,7 @@ from pathlib import Path
 import httpx
 
 from badit_serve.schemas import ExpertsResponse
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_process import ServerError, free_port, start_server, stop_server, wait_healthy  # noqa: E402
+from badit_serve.server_process import ServerError, free_port, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -306,10 +304,10 @@ def serve_and_ask(
     print(f"server log: {log_path}", flush=True)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     t0 = time.monotonic()
-    server = start_server(command, ROOT, log_path, env)
+    server = start_server(command, port=port, log=log_path, cwd=ROOT, env=env)
     try:
-        client = Client(f"http://127.0.0.1:{port}")
-        wait_healthy(client.base, server, log_path)
+        client = Client(server.url)
+        server.wait_healthy(timeout_s=600, poll_s=2)
         print(f"healthy after {time.monotonic() - t0:.0f} s")
         models = client.http.get("/v1/models").json()["data"]
         print("/v1/models: " + ", ".join(f"{m['id']} (parent {m['parent']})" for m in models))
@@ -328,8 +326,8 @@ def serve_and_ask(
         unload_and_reload(client, jobs[-1], first.prompt, first)
         return answers
     finally:
-        stop_server(server)
-        print(f"server stopped (exit code {server.returncode})", flush=True)
+        stopped = server.stop()
+        print(f"server stopped (exit code {stopped.exit_code})", flush=True)
 
 
 def main() -> int:

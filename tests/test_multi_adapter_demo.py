@@ -17,6 +17,7 @@ from types import ModuleType
 
 import pytest
 
+from badit_serve.server_process import group_members
 from tests.badit_exports import make_adapter
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
@@ -58,7 +59,8 @@ def test_demo_serving_path_on_tiny_adapters(
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     answers = demo.serve_and_ask(base, jobs, prompts, demo.free_port(), tmp_path / "serve.log")
     assert {a.model for a in answers} == {demo.BASE_NAME, "first", "second"} and len(answers) == 6
-    assert not sys.modules["serve_process"].group_alive(started[0].pid)  # the server and its engine are gone
+    assert not group_members(started[0].pid)  # the server and its engine are gone
+    assert started[0].proc.returncode == 0  # badit-serve ended its engine and exited on SIGTERM
     by_model = {
         m: [a.token_ids for a in answers if a.model == m] for m in ("first", "second", demo.BASE_NAME)
     }

@@ -9,10 +9,7 @@ token.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,8 +24,9 @@ from transformers import AutoModelForCausalLM
 
 from badit_serve.adapter import ADAPTER_WEIGHTS_FILE
 from badit_serve.reference import load_reference_adapter
+from badit_serve.server_process import ServerProcess
 from tests.badit_exports import make_adapter, reference_scores
-from tests.server_process import free_port, stop, wait_healthy
+from tests.badit_server import ServeOptions, launch_badit_serve, wait_healthy_or_fail
 from tests.tiny_models import TINY_VOCAB, build_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
@@ -39,7 +37,6 @@ BASE = "tiny-base"
 PROMPTS = [[1, 5, 9, 200, 33], [1, 77, 78], [1, 4000, 12, 901, 17, 17, 3500, 42], [1, TINY_VOCAB - 1, 7]]
 MAX_TOKENS = 8
 TOP_K = 4
-STARTUP_TIMEOUT_S = 300
 
 
 @dataclass
@@ -101,24 +98,11 @@ def _adapters(base: Path, root: Path, default_model_dir: Path) -> dict[str, Path
     return dirs
 
 
-def _launch(
-    root: Path, base: Path, adapters: dict[str, Path], slots: int, dtype: str
-) -> tuple[subprocess.Popen, str]:
-    """badit-serve BASE --adapter NAME=DIR ... on a free port, log in root / "server.log"; (process, url)."""
-    port = free_port()
-    command = [str(Path(sys.executable).with_name("badit-serve")), str(base)]
-    for name, path in adapters.items():
-        command += ["--adapter", f"{name}={path}"]
-    command += ["--max-adapters", str(slots), "--port", str(port), "--api-key", API_KEY]
-    command += ["--served-model-name", BASE, "--max-model-len", "512", "--no-enable-prefix-caching"]
-    command += ["--dtype", dtype]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    with (root / "server.log").open("w") as out:
-        proc = subprocess.Popen(
-            command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    return proc, f"http://127.0.0.1:{port}"
+def _launch(root: Path, base: Path, adapters: dict[str, Path], slots: int, dtype: str) -> ServerProcess:
+    """badit-serve BASE --adapter NAME=DIR ... on a free port, log in root / "server.log"; not waited for."""
+    extra = [arg for name, path in adapters.items() for arg in ("--adapter", f"{name}={path}")]
+    extra += ["--max-adapters", str(slots), "--dtype", dtype]
+    return launch_badit_serve(base, root, ServeOptions(API_KEY, BASE, extra=tuple(extra)))
 
 
 @pytest.fixture(scope="module")
@@ -129,18 +113,18 @@ def server(
     root = tmp_path_factory.mktemp("multi")
     base = tiny_model_dirs["llama"]
     dirs = _adapters(base, root, default_model_dir)
-    proc, url = _launch(root, base, {"a1": dirs["a1"], "a2": dirs["a2"]}, 3, "float32")
-    handle = MultiServer(url, root / "server.log", dirs)
-    try:
+    process = _launch(root, base, {"a1": dirs["a1"], "a2": dirs["a2"]}, 3, "float32")
+    handle = MultiServer(process.url, process.log, dirs)
+    try:  # the references are computed while the engine starts
         plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
         handle.expected[BASE] = [_greedy(plain, p) for p in PROMPTS]
         for name in ("a1", "a2", "a3"):
             reference = load_reference_adapter(base, dirs[name])
             handle.expected[name] = [_greedy(reference, p) for p in PROMPTS]
-        wait_healthy(proc, handle.url, STARTUP_TIMEOUT_S, lambda: handle.log.read_text()[-6000:])
+        wait_healthy_or_fail(process)
         yield handle
     finally:
-        stop(proc)
+        process.stop()
 
 
 def test_models_lists_adapters_with_the_base_as_parent(server: MultiServer) -> None:
@@ -293,15 +277,15 @@ def bf16_server(tiny_model_dirs: dict[str, Path], server: MultiServer) -> Iterat
     """The serving default, bfloat16, with the float32 server's adapters a1 and a2 in three slots."""
     root = server.log.parent / "bf16"
     root.mkdir()
-    proc, url = _launch(
+    process = _launch(
         root, tiny_model_dirs["llama"], {n: server.dirs[n] for n in ("a1", "a2")}, 3, "bfloat16"
     )
-    handle = MultiServer(url, root / "server.log", server.dirs)
+    handle = MultiServer(process.url, process.log, server.dirs)
     try:
-        wait_healthy(proc, handle.url, STARTUP_TIMEOUT_S, lambda: handle.log.read_text()[-6000:])
+        wait_healthy_or_fail(process)
         yield handle
     finally:
-        stop(proc)
+        process.stop()
 
 
 def test_bfloat16_mixed_load_stays_close_to_each_adapters_float32_reference(

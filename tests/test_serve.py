@@ -9,7 +9,6 @@ never fed back), counted on the real tokens only and never during warm-up.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -23,34 +22,36 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from badit_serve.export_io import load_export
+from badit_serve.server_process import ServerProcess
 from tests.badit_exports import make_export
-from tests.server_process import StreamResult, free_port, stop, stream_chat, wait_healthy
+from tests.badit_server import (
+    API_KEY,
+    MAX_MODEL_LEN,
+    MODEL,
+    ServeOptions,
+    StreamResult,
+    launch_badit_serve,
+    stream_chat,
+    wait_healthy_or_fail,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
 
-API_KEY = "sk-badit-test"
-MODEL = "badit-tiny"
-MAX_MODEL_LEN = 512
 MAX_IN_FLIGHT = 24  # badit-serve --max-in-flight: above the load test's 16 streams, below the overload's 48
-STARTUP_TIMEOUT_S = 300
 
 
 @dataclass
 class Server:
     url: str
     export: Path
-    log: Path
     top_k: int
     expert_labels: dict[str, str]
-    proc: subprocess.Popen
+    process: ServerProcess
     initial_experts: dict | None = None
     """/v1/badit/experts right after start-up, before any request."""
 
     def client(self, api_key: str = API_KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=120)
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-6000:]
 
 
 @pytest.fixture(scope="module")
@@ -58,39 +59,15 @@ def server(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
     root = tmp_path_factory.mktemp("serve")
     export = make_export(tiny_model_dirs["llama"], root / "export", labelled=True)
     bundle = load_export(export)
-    port = free_port()
-    command = [
-        str(Path(sys.executable).with_name("badit-serve")),
-        str(export),
-        "--port",
-        str(port),
-        "--api-key",
-        API_KEY,
-        "--served-model-name",
-        MODEL,
-        "--max-model-len",
-        str(MAX_MODEL_LEN),
-        "--no-enable-prefix-caching",
-        "--max-in-flight",
-        str(MAX_IN_FLIGHT),
-    ]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    log = root / "server.log"
-    with log.open("w") as out:
-        # cwd outside the repo: the repo root's badit.egg-info must not shadow the installed entry points.
-        proc = subprocess.Popen(
-            command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    handle = Server(
-        f"http://127.0.0.1:{port}", export, log, bundle.block.top_k, bundle.routing_table.expert_labels, proc
-    )
+    options = ServeOptions(extra=("--max-in-flight", str(MAX_IN_FLIGHT)))
+    process = launch_badit_serve(export, root, options)
+    handle = Server(process.url, export, bundle.block.top_k, bundle.routing_table.expert_labels, process)
     try:
-        wait_healthy(proc, handle.url, STARTUP_TIMEOUT_S, handle.log_tail)
+        wait_healthy_or_fail(process)
         handle.initial_experts = _experts_json(handle)
         yield handle
     finally:
-        stop(proc)
+        process.stop()
 
 
 def _expert_tokens(server: Server) -> dict[str, dict[str, float]]:
@@ -323,7 +300,7 @@ def test_overload_gets_503_with_retry_after_and_the_rest_complete(server: Server
 
 def test_schema_fuzz_of_the_openai_routes_finds_no_server_error(server: Server) -> None:
     """schemathesis against vLLM's own OpenAPI document, bounded in time; then the server still serves."""
-    report = server.log.with_name("schemathesis.xml")
+    report = server.process.log.with_name("schemathesis.xml")
     command = [
         str(Path(sys.executable).with_name("schemathesis")),
         "run",

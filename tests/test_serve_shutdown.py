@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,14 +24,21 @@ from pathlib import Path
 import httpx
 import pytest
 
+from badit_serve.server_process import ServerProcess
 from tests.badit_exports import make_export
-from tests.server_process import StreamResult, free_port, stop, stream_chat, wait_healthy
+from tests.badit_server import (
+    API_KEY,
+    MODEL,
+    ServeOptions,
+    StreamResult,
+    launch_badit_serve,
+    stream_chat,
+    wait_healthy_or_fail,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
 
-API_KEY = "sk-badit-test"
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
-MODEL = "badit-tiny"
 CLIENTS = 16
 MAX_TOKENS = 200
 SHUTDOWN_BOUND_S = 30  # signal -> badit-serve and every process of its group gone (measured: about 3 s)
@@ -83,31 +88,10 @@ def _kind(r: StreamResult) -> str | None:
     return None
 
 
-def _start(export: Path, root: Path) -> tuple[subprocess.Popen, str, Path]:
-    port = free_port()
-    command = [
-        str(Path(sys.executable).with_name("badit-serve")),
-        str(export),
-        "--port",
-        str(port),
-        "--api-key",
-        API_KEY,
-        "--served-model-name",
-        MODEL,
-        "--max-model-len",
-        "512",
-        "--no-enable-prefix-caching",
-    ]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    log = root / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(proc, url, STARTUP_TIMEOUT_S, lambda: log.read_text(errors="replace")[-6000:])
-    return proc, url, log
+def _start(export: Path, root: Path) -> ServerProcess:
+    server = launch_badit_serve(export, root, ServeOptions())
+    wait_healthy_or_fail(server)
+    return server
 
 
 async def _load_then_signal(url: str, send: Callable[[], None]) -> tuple[list[Client], float]:
@@ -154,20 +138,20 @@ async def _load_then_signal(url: str, send: Callable[[], None]) -> tuple[list[Cl
 def test_signal_under_load_ends_every_stream_cleanly_and_the_process_group_within_bound(
     export: Path, tmp_path: Path, how: str
 ) -> None:
-    proc, url, log = _start(export, tmp_path)
+    server = _start(export, tmp_path)
     try:
         if how == "sigterm-to-process":
-            send = lambda: proc.send_signal(signal.SIGTERM)  # noqa: E731
+            send = lambda: server.proc.send_signal(signal.SIGTERM)  # noqa: E731
         else:
-            send = lambda: os.killpg(proc.pid, signal.SIGINT)  # noqa: E731
-        clients, sent = asyncio.run(_load_then_signal(url, send))
-        code = proc.wait(timeout=max(1.0, SHUTDOWN_BOUND_S - (time.monotonic() - sent)))
+            send = lambda: os.killpg(server.pid, signal.SIGINT)  # noqa: E731
+        clients, sent = asyncio.run(_load_then_signal(server.url, send))
+        code = server.proc.wait(timeout=max(1.0, SHUTDOWN_BOUND_S - (time.monotonic() - sent)))
         exited_s = time.monotonic() - sent
         with pytest.raises(ProcessLookupError):  # the group is empty the moment badit-serve has exited
-            os.killpg(proc.pid, 0)
+            os.killpg(server.pid, 0)
     finally:
-        stop(proc)
-    tail = log.read_text(errors="replace")[-3000:]
+        server.stop()
+    tail = server.log_tail()
     assert code == 0, tail
     assert exited_s < SHUTDOWN_BOUND_S
     warm = [r for c in clients for r in c.results[:-1]]
