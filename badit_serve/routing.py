@@ -13,8 +13,10 @@ Serving uses the same math in a cheaper arrangement (`ServedExperts`, built once
 - each expert's product B_e A_e is refactorised in float64 into balanced factors of the same rank
   (`balanced_factors`), so a BAD delta expert ([B, -B0] [A; A0]) is computed as one rank-2r product with no
   cancellation of two large terms: safe in bfloat16;
-- the router and every A_e are one float32 matmul (router logits stay float32, so top-k matches the
-  reference); the scaling s is folded into B; B runs in the model dtype and adds straight into the output.
+- the router runs in float32 (its logits stay float32, so top-k matches the reference); A' and s * B' (the
+  scaling folded into B) run in the model dtype through a `Gemm` each, plain matmuls by default or a
+  prepacked kernel (vLLM's oneDNN GEMM on CPU, the one its own linear layers use), and the delta is added
+  into the output.
 
 Several adapters served side by side are slots of one `ServedExperts` (`empty_slots`, `set_slot`,
 `reset_slot`), and each token names its slot (`SlotIndex`: -1 and padding rows get no delta). The slot
@@ -25,6 +27,7 @@ FLOPs); both have static shapes and no host sync. The single-export layer is the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -130,33 +133,74 @@ class RoutingSpec:
     gate_scale: float
 
 
+Gemm = Callable[[torch.Tensor], torch.Tensor]
+"""x (T, k) -> x @ W.T (T, n) for the weight W (n, k) the Gemm was made from (and reads at call time)."""
+
+GemmFactory = Callable[[torch.Tensor], Gemm]
+"""Makes the Gemm of a weight (n, k): `TorchGemm`, or a prepacked kernel such as vLLM's oneDNN GEMM on CPU
+(`badit_serve.vllm_models.cpu_gemm`), whose packed copy must be made again when the weight changes."""
+
+
+@dataclass(frozen=True)
+class TorchGemm:
+    """The plain matmul: reads the weight at every call (so slot updates are seen)."""
+
+    weight: torch.Tensor
+    """(n, k)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t()  # (T, n)
+
+
 class ServedExperts(nn.Module):
     """The experts of one adapted layer in serving form (see the module docstring), for S >= 1 adapters
     stacked slot after slot; non-persistent buffers.
 
-    router_a: (S * (N_router + K*R), d_in) float32: per slot the router's K rows (none in mode 'none'),
-        then A'.
+    router: (S * N_router, d_in) float32, per slot the router's K rows (no rows in mode 'none').
+    lora_a: (S * K*R, d_in) in the model dtype: per slot A'.
     lora_b: (d_out, S * K*R) in the model dtype: per slot s * B'.
+    A and B run through Gemms made by a `GemmFactory` (`use_gemm`; plain matmuls by default), made again
+    after every slot change; the router is a plain float32 matmul.
     """
 
     def __init__(
-        self, router_a: torch.Tensor, lora_b: torch.Tensor, num_router: int, num_slots: int = 1
+        self,
+        router: torch.Tensor,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        num_router: int,
+        num_slots: int = 1,
     ) -> None:
         super().__init__()
-        self.register_buffer("router_a", router_a, persistent=False)
+        self.register_buffer("router", router, persistent=False)
+        self.register_buffer("lora_a", lora_a, persistent=False)
         self.register_buffer("lora_b", lora_b, persistent=False)
         self.num_router = num_router
         self.num_slots = num_slots
-
-    @property
-    def width(self) -> int:
-        """Rows of router_a per slot: N_router + K*R."""
-        return self.router_a.shape[0] // self.num_slots
+        self.gemm_factory: GemmFactory = TorchGemm
+        self._pack()
 
     @property
     def slot_rank(self) -> int:
-        """Columns of lora_b per slot: K*R."""
-        return self.lora_b.shape[1] // self.num_slots
+        """Rows of lora_a (columns of lora_b) per slot: K*R."""
+        return self.lora_a.shape[0] // self.num_slots
+
+    def use_gemm(self, factory: GemmFactory) -> None:
+        """Run A and B through Gemms made by `factory` from now on (made again after each slot change)."""
+        self.gemm_factory = factory
+        self._pack()
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> ServedExperts:
+        """Moving or casting the buffers (.to(), .cuda(), ...) makes the Gemms again (they hold the old
+        tensors)."""
+        moved = super()._apply(fn, recurse)
+        self._pack()
+        return moved
+
+    def _pack(self) -> None:
+        self.router_gemm: Gemm = TorchGemm(self.router)
+        self.a_gemm: Gemm = self.gemm_factory(self.lora_a)
+        self.b_gemm: Gemm = self.gemm_factory(self.lora_b)
 
     @classmethod
     def build(
@@ -171,42 +215,59 @@ class ServedExperts(nn.Module):
         """One adapter (S = 1) from the export's tensors (router (K, d_in) or None, lora_a (K*R, d_in),
         lora_b (d_out, K*R)), on their device."""
         a, b = balanced_factors(lora_a, lora_b, num_experts)  # (K*R, d_in), (d_out, K*R) float64
-        rows = a if router is None else torch.cat([router.double(), a])  # (N_router + K*R, d_in)
-        num_router = 0 if router is None else router.shape[0]
-        return cls(rows.float().contiguous(), (b * scaling).to(dtype).contiguous(), num_router)
+        if router is None:
+            router = lora_a.new_zeros(0, lora_a.shape[1])  # (0, d_in)
+        return cls(
+            router.float().contiguous(),  # (N_router, d_in)
+            a.to(dtype).contiguous(),  # (K*R, d_in)
+            (b * scaling).to(dtype).contiguous(),  # (d_out, K*R)
+            router.shape[0],
+        )
 
     @classmethod
     def empty_slots(
         cls, num_slots: int, like: SlotShape, dtype: torch.dtype, device: torch.device | str
     ) -> ServedExperts:
         """S zero slots (a zero slot adds nothing), filled later one adapter at a time with `set_slot`."""
-        width = like.num_router + like.slot_rank
-        router_a = torch.zeros(num_slots * width, like.d_in, dtype=torch.float32, device=device)
-        lora_b = torch.zeros(like.d_out, num_slots * like.slot_rank, dtype=dtype, device=device)
-        return cls(router_a, lora_b, like.num_router, num_slots)
+        return cls(
+            torch.zeros(num_slots * like.num_router, like.d_in, dtype=torch.float32, device=device),
+            torch.zeros(num_slots * like.slot_rank, like.d_in, dtype=dtype, device=device),
+            torch.zeros(like.d_out, num_slots * like.slot_rank, dtype=dtype, device=device),
+            like.num_router,
+            num_slots,
+        )
 
     def set_slot(self, index: int, adapter: ServedExperts) -> None:
         """Copy a single adapter (`build`, S = 1, same shapes) into slot `index`, on this form's device."""
-        if adapter.router_a.shape[0] != self.width or adapter.lora_b.shape[1] != self.slot_rank:
+        if (
+            adapter.router.shape[0] != self.num_router
+            or adapter.lora_a.shape[0] != self.slot_rank
+            or adapter.lora_b.shape[1] != self.slot_rank
+        ):
             raise ValueError(
-                f"adapter experts router_a {tuple(adapter.router_a.shape)} / lora_b "
-                f"{tuple(adapter.lora_b.shape)} do not fit a slot ({self.width}, ·) / (·, {self.slot_rank})"
+                f"adapter experts router {tuple(adapter.router.shape)} / lora_a "
+                f"{tuple(adapter.lora_a.shape)} / lora_b {tuple(adapter.lora_b.shape)} do not fit a slot "
+                f"({self.num_router}, ·) / ({self.slot_rank}, ·) / (·, {self.slot_rank})"
             )
-        rows, cols = self._slot_ranges(index)
-        self.router_a[rows].copy_(adapter.router_a)  # (N_router + K*R, d_in)
-        self.lora_b[:, cols].copy_(adapter.lora_b)  # (d_out, K*R), cast to the model dtype
+        routers, rows = self._slot_ranges(index)
+        self.router[routers].copy_(adapter.router)  # (N_router, d_in)
+        self.lora_a[rows].copy_(adapter.lora_a)  # (K*R, d_in), cast to the model dtype
+        self.lora_b[:, rows].copy_(adapter.lora_b)  # (d_out, K*R), cast to the model dtype
+        self._pack()
 
     def reset_slot(self, index: int) -> None:
         """Zero slot `index` (its tokens then get no delta until the next `set_slot`)."""
-        rows, cols = self._slot_ranges(index)
-        self.router_a[rows].zero_()
-        self.lora_b[:, cols].zero_()
+        routers, rows = self._slot_ranges(index)
+        self.router[routers].zero_()
+        self.lora_a[rows].zero_()
+        self.lora_b[:, rows].zero_()
+        self._pack()
 
     def _slot_ranges(self, index: int) -> tuple[slice, slice]:
         if not 0 <= index < self.num_slots:
             raise IndexError(f"adapter slot {index} outside [0, {self.num_slots})")
         return (
-            slice(index * self.width, (index + 1) * self.width),
+            slice(index * self.num_router, (index + 1) * self.num_router),
             slice(index * self.slot_rank, (index + 1) * self.slot_rank),
         )
 
@@ -284,56 +345,65 @@ def _can_group(weight: torch.Tensor, *strides: int) -> bool:
     return native and all(stride * weight.element_size() % 16 == 0 for stride in strides)
 
 
-def _project(x: torch.Tensor, experts: ServedExperts, slots: SlotIndex | None) -> torch.Tensor:
-    """x (T, d_in) float32 @ each token's slot of router_a.T -> (T, N_router + K*R) float32 (grouped only
-    where `_can_group`: on CPU; float32 on CUDA runs the dense form)."""
+def _project(
+    x: torch.Tensor, weight: torch.Tensor, gemm: Gemm, num_slots: int, slots: SlotIndex | None
+) -> torch.Tensor:
+    """x (T, d_in) @ each token's slot of weight.T (weight: (S * W, d_in), `gemm` its Gemm) -> (T, W), in
+    x's dtype (grouped only where `_can_group`: on CPU; float32 on CUDA runs the dense form)."""
+    width = weight.shape[0] // num_slots
     if slots is None:
-        return x @ experts.router_a.t()  # (T, N_router + K*R)
-    if slots.order is None or not _can_group(experts.router_a, x.shape[1], experts.width):
-        return _per_slot(x @ experts.router_a.t(), experts.width, slots.slot)  # (T, N_router + K*R)
-    weight = experts.router_a.view(experts.num_slots, experts.width, -1).transpose(1, 2)  # (S, d_in, width)
-    grouped = torch._grouped_mm(x[slots.order], weight, offs=slots.offsets)  # (T, width), sorted
-    return torch.empty_like(grouped).index_copy_(0, slots.order, grouped)  # (T, width)
+        return gemm(x)  # (T, W)
+    if slots.order is None or not _can_group(weight, x.shape[1], width):
+        return _per_slot(gemm(x), width, slots.slot)  # (T, W)
+    stacked = weight.view(num_slots, width, -1).transpose(1, 2)  # (S, d_in, W)
+    grouped = torch._grouped_mm(x[slots.order], stacked, offs=slots.offsets)  # (T, W), sorted
+    return torch.empty_like(grouped).index_copy_(0, slots.order, grouped)  # (T, W)
 
 
 def served_routing(
     x: torch.Tensor, experts: ServedExperts, spec: RoutingSpec, slots: SlotIndex | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Router and A in one float32 matmul. x: (T, d_in) any dtype; slots: each token's adapter slot (None
-    with a single adapter); tokens that are not `slots.valid` get zero weights, no selection and no delta.
+    """The router in float32, A in the model dtype. x: (T, d_in) any dtype; slots: each token's adapter slot
+    (None with a single adapter); tokens that are not `slots.valid` get zero weights, no selection, no delta.
 
     Returns weights (T, K) and selected (T, K) as `routing_weights` gives them, and the weighted expert
     activations (T, K*R) in the dtype of `experts.lora_b`, ready for `add_served_delta`.
     """
-    num_tokens, num_router = x.shape[0], experts.num_router
-    proj = _project(x.float(), experts, slots)  # (T, N_router + K*R)
-    if num_router:
-        logits, hidden = proj.split([num_router, experts.slot_rank], dim=-1)  # (T, K), (T, K*R)
+    num_tokens, dtype = x.shape[0], experts.lora_a.dtype
+    if experts.num_router:
+        logits = _project(x.float(), experts.router, experts.router_gemm, experts.num_slots, slots)  # (T, K)
     else:
-        logits, hidden = proj.new_zeros(num_tokens, 1), proj  # (T, 1), (T, K*R)
+        logits = x.new_zeros(num_tokens, 1, dtype=torch.float32)  # (T, 1)
+    hidden = _project(x.to(dtype), experts.lora_a, experts.a_gemm, experts.num_slots, slots)  # (T, K*R)
     weights, selected = routing_weights(logits, spec.top_k, spec.mode, spec.gate_scale)  # (T, K), (T, K)
     if slots is not None:
         keep = slots.valid.unsqueeze(-1)  # (T, 1)
         weights, selected = weights * keep, selected & keep  # (T, K), (T, K)
     rank = hidden.shape[1] // spec.num_experts
-    weighted = hidden.reshape(num_tokens, spec.num_experts, rank) * weights.unsqueeze(-1)  # (T, K, R)
+    weighted = hidden.view(num_tokens, spec.num_experts, rank) * weights.unsqueeze(-1)  # (T, K, R) float32
     return weights, selected, weighted.view(num_tokens, -1).to(experts.lora_b.dtype)  # (T, K*R)
 
 
-def add_served_delta(
-    out: torch.Tensor, weighted: torch.Tensor, experts: ServedExperts, slots: SlotIndex | None = None
+def served_delta(
+    weighted: torch.Tensor, experts: ServedExperts, slots: SlotIndex | None = None
 ) -> torch.Tensor:
-    """out (T, d_out) += weighted (T, K*R) @ (the token's slot of lora_b).T, in place; `out` may be a column
-    slice of a wider tensor. Dense slot form: the activations are spread into (T, S*K*R), zeros outside the
-    token's slot, for one static-shape matmul; grouped form: one grouped matmul over the sorted tokens.
-    Returns out."""
+    """weighted (T, K*R) @ (the token's slot of lora_b).T -> the delta (T, d_out) in the model dtype. Dense
+    slot form: the activations are spread into (T, S*K*R), zeros outside the token's slot, for one
+    static-shape matmul; grouped form: one grouped matmul over the sorted tokens."""
     if slots is not None and slots.order is not None and _can_group(experts.lora_b, experts.slot_rank):
-        weight = experts.lora_b.view(out.shape[1], experts.num_slots, -1).permute(1, 2, 0)  # (S, K*R, d_out)
-        grouped = torch._grouped_mm(weighted[slots.order], weight, offs=slots.offsets)  # (T, d_out), sorted
-        return out.index_add_(0, slots.order, grouped.to(out.dtype))  # (T, d_out)
+        stacked = experts.lora_b.view(experts.lora_b.shape[0], experts.num_slots, -1).permute(1, 2, 0)
+        grouped = torch._grouped_mm(weighted[slots.order], stacked, offs=slots.offsets)  # (T, d_out), sorted
+        return torch.empty_like(grouped).index_copy_(0, slots.order, grouped)  # (T, d_out)
     if slots is not None:
         num_tokens, width = weighted.shape
         spread = weighted.new_zeros(num_tokens, experts.num_slots, width)  # (T, S, K*R)
         spread.scatter_(1, slots.slot.view(-1, 1, 1).expand(-1, 1, width), weighted.unsqueeze(1))
         weighted = spread.view(num_tokens, -1)  # (T, S * K*R)
-    return out.addmm_(weighted, experts.lora_b.t())  # (T, d_out)
+    return experts.b_gemm(weighted)  # (T, d_out)
+
+
+def add_served_delta(
+    out: torch.Tensor, weighted: torch.Tensor, experts: ServedExperts, slots: SlotIndex | None = None
+) -> torch.Tensor:
+    """out (T, d_out) += `served_delta`, in place; `out` may be a column slice of a wider tensor. Returns out."""
+    return out.add_(served_delta(weighted, experts, slots).to(out.dtype))  # (T, d_out)

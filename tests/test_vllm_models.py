@@ -127,6 +127,22 @@ def test_routing_stats_skip_padding_rows() -> None:
     assert tokens.tolist() == [2, 1] and sums.tolist() == [1.0, 0.5]
     record_routing(selected, weights, tokens, sums)  # no forward context: all rows
     assert tokens.tolist() == [5, 4]
+    with override_forward_context(SimpleNamespace(is_padding=torch.zeros(4, dtype=torch.bool))):  # type: ignore[arg-type]
+        record_routing(selected, weights, tokens, sums)  # a mask without padding rows: all rows
+    assert tokens.tolist() == [8, 7]
+
+
+def test_real_token_mask_is_none_without_padding_rows_on_cpu() -> None:
+    """No padding row on CPU: no mask (the masking ops are skipped); a padding row gives the mask."""
+    from vllm.forward_context import override_forward_context
+
+    from badit_serve.vllm_models.routing_stats import real_token_mask
+
+    with override_forward_context(SimpleNamespace(is_padding=torch.zeros(3, dtype=torch.bool))):  # type: ignore[arg-type]
+        assert real_token_mask(3) is None
+    with override_forward_context(SimpleNamespace(is_padding=torch.tensor([False, True, False]))):  # type: ignore[arg-type]
+        real = real_token_mask(3)
+    assert real is not None and real.tolist() == [True, False, True]
 
 
 def test_collector_counts_only_after_start_and_reports_differences() -> None:
@@ -321,7 +337,8 @@ def test_badit_mlp_in_bfloat16_stays_close_to_the_float32_reference() -> None:
     for name, tensor in experts.items():
         getattr(mlp.badit_gate, name).data.copy_(tensor)
     mlp.build_served(torch.bfloat16)
-    assert mlp.served.lora_b.dtype == torch.bfloat16 and mlp.served.router_a.dtype == torch.float32
+    assert mlp.served.lora_b.dtype == torch.bfloat16 and mlp.served.lora_a.dtype == torch.bfloat16
+    assert mlp.served.router.dtype == torch.float32
     x = torch.randn(7, D_IN)
     with torch.no_grad():
         expected = down(F.silu(RoutedLinear(gate, block, experts)(x)) * up(x))

@@ -12,7 +12,8 @@ functions with one slot) instead of running LoRA kernels:
   (no vLLM wrapper matches it) when --lora-target-modules is gate_up_proj; vLLM's loader hands it each
   adapter's PEFT tensors (`badit_serve.adapter`) through `set_lora(slot, [A; router], B)`, in float32
   (`use_float32_adapter_tensors`), where they are refactorised into balanced factors (float64, once per
-  load into a slot): router + A' float32, s * B' in the model dtype, like a single export.
+  load into a slot): router float32, A' and s * B' in the model dtype, like a single export (on CPU
+  through vLLM's prepacked oneDNN GEMM, packed again after every slot change).
 - Static shapes; slot -1 tokens and padding rows get no delta (vLLM's CPU LoRA ops would apply the last
   slot to -1 tokens, so the slot layer masks them itself).
 - Routing statistics per slot, (S, K), through the `badit_record_slot_routing` custom op.
@@ -33,6 +34,7 @@ from badit_serve.routing import (
     add_served_delta,
     served_routing,
 )
+from badit_serve.vllm_models.cpu_gemm import prepacked_gemm_factory
 from badit_serve.vllm_models.routing_stats import ensure_registered, real_token_mask, record_slot_routing
 
 ADAPTER_TENSOR_DTYPE = torch.float32
@@ -85,6 +87,9 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
         self.spec = RoutingSpec(k, geometry.top_k, geometry.router, gate_scale=1.0)  # type: ignore[arg-type]
         shape = SlotShape(num_router, self.n, d_in, self.intermediate_local)
         self.served = ServedExperts.empty_slots(slots, shape, weight.dtype, weight.device)
+        factory = prepacked_gemm_factory(weight.device)
+        if factory is not None:  # CPU: packed again at every slot change (LoRA serving runs eager there)
+            self.served.use_gemm(factory)
         self.register_buffer(
             "expert_tokens", torch.zeros(slots, k, dtype=torch.int64, device=weight.device), persistent=False
         )
@@ -110,7 +115,7 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
     def set_lora(self, index: int, lora_a, lora_b) -> None:  # lists [gate, up] from PackedLoRALayerWeights
         a = lora_a[0] if isinstance(lora_a, (list, tuple)) else lora_a
         b = lora_b[0] if isinstance(lora_b, (list, tuple)) else lora_b
-        d_in = self.served.router_a.shape[1]
+        d_in = self.served.lora_a.shape[1]
         if a is None or b is None or (tuple(a.shape) != (self.rows, d_in) and not a.any()):
             self.reset_lora(index)  # vLLM's zero warm-up adapters
             return

@@ -5,14 +5,16 @@ up projection) and adds the routed expert delta to the gate half before the acti
 
     gate_up = gate_up_proj(x)                                               # (T, 2 * I_local)
     weights, selected, weighted = served_routing(x, experts, spec)          # (T, K), (T, K), (T, K*R)
-    gate_up[:, :I_local] += weighted @ experts.lora_b.T                     # in place, model dtype
+    delta = weighted @ experts.lora_b.T                                     # (T, I_local), model dtype
+    gate_up = cat([gate_up[:, :I_local] + delta, gate_up[:, I_local:]])     # fused into act_fn by inductor
 
-with `badit_serve.routing`'s serving form of the shared math (`ServedExperts`): router + A' in one float32
-matmul (top-k on float32 logits like the reference), s * B' in the model dtype, the experts refactorised
-into balanced factors once after loading (`process_weights_after_loading`), so bfloat16 serving never
-subtracts two large BAD terms. Tensor parallelism: `lora_a` and `router` are replicated; `lora_b` is
-sharded along d_out exactly like the gate half (rows [rank * I_local, ...)); the refactorisation of a
-shard's rows keeps B'_e A'_e equal to that shard's rows of B_e A_e.
+with `badit_serve.routing`'s serving form of the shared math (`ServedExperts`): the router in float32
+(top-k on float32 logits like the reference), A' and s * B' in the model dtype (on CPU through vLLM's
+prepacked oneDNN GEMM, `cpu_gemm`), the experts refactorised into balanced factors once after loading
+(`process_weights_after_loading`), so bfloat16 serving never subtracts two large BAD terms. Tensor
+parallelism: `lora_a` and `router` are replicated; `lora_b` is sharded along d_out exactly like the gate
+half (rows [rank * I_local, ...)); the refactorisation of a shard's rows keeps B'_e A'_e equal to that
+shard's rows of B_e A_e.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 from torch import nn
 
 from badit_serve.format import EXPERT_MARK, BaditBlock, expert_prefix
-from badit_serve.routing import RoutingSpec, ServedExperts, add_served_delta, served_routing
+from badit_serve.routing import RoutingSpec, ServedExperts, served_delta, served_routing
+from badit_serve.vllm_models.cpu_gemm import prepacked_gemm_factory
 from badit_serve.vllm_models.routing_stats import ensure_registered, record_routing
 
 SUPPORTED_TARGETS = ["gate_proj"]
@@ -123,6 +126,9 @@ class BaditMLP(nn.Module):
     def build_served(self, dtype: torch.dtype) -> None:
         """Build the serving form of the experts (once after loading, again after a weight reload)."""
         self.served = self.badit_gate.to_served(self.block, dtype)
+        factory = prepacked_gemm_factory(self.served.lora_a.device)
+        if factory is not None:
+            self.served.use_gemm(factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.served is None:
@@ -132,8 +138,10 @@ class BaditMLP(nn.Module):
         weights, selected, weighted = served_routing(flat, self.served, self.spec)  # (T, K), (T, K), (T, K*R)
         if self.record_stats:
             record_routing(selected, weights, self.expert_tokens, self.router_weight_sums)
-        gate = gate_up.view(-1, gate_up.shape[-1])[:, : self.intermediate_local]  # (T, I_local) view
-        add_served_delta(gate, weighted, self.served)  # (T, I_local), in place
+        delta = served_delta(weighted, self.served)  # (T, I_local)
+        gate, up = gate_up.split(self.intermediate_local, dim=-1)  # (..., I_local) x2
+        # Out of place, so torch.compile fuses the add and the concatenation into the activation's kernel.
+        gate_up = torch.cat([gate + delta.view_as(gate), up], dim=-1)  # (..., 2 * I_local)
         out, _ = self.down_proj(self.act_fn(gate_up))  # (T, d_model)
         return out
 

@@ -28,7 +28,10 @@ SLOT_OP_NAME = "badit_record_slot_routing"
 
 
 def real_token_mask(tokens: int) -> torch.Tensor | None:
-    """(T,) bool, False on the padding rows of this forward pass; None without a forward context or mask."""
+    """(T,) bool, False on the padding rows of this forward pass; None when every row is real: without a
+    forward context or mask, and on CPU when the mask has no padding row (a host tensor there, so asking
+    costs no device sync; CPU runs no CUDA graphs, so the answer cannot go stale in a replay). On a GPU the
+    mask is always returned: a graph captured with it reads the live buffer on replay."""
     from vllm.forward_context import get_forward_context, is_forward_context_available
 
     if not is_forward_context_available():
@@ -36,6 +39,8 @@ def real_token_mask(tokens: int) -> torch.Tensor | None:
     is_padding = get_forward_context().is_padding
     if is_padding is None or is_padding.shape[0] != tokens:
         return None
+    if is_padding.device.type == "cpu" and not bool(is_padding.any()):
+        return None  # no padding row: the masking ops would change nothing
     return ~is_padding  # (T,)
 
 

@@ -1,0 +1,59 @@
+"""vLLM's prepacked oneDNN GEMM for the routed experts on CPU: the kernel vLLM's own linear layers use there.
+
+`vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm` prepacks every dense projection of the
+base model with `create_onednn_mm` (a oneDNN matmul primitive over a reordered copy of the weight) and
+calls `onednn_mm` at run time. The experts' A' (K*R, d_in) and s * B' (d_out, K*R) get the same treatment
+(`prepacked_gemm_factory`, given to `ServedExperts.use_gemm`). Measured at the default model's shapes
+(bfloat16, 32 decode tokens, inductor): the routed layer's overhead over the base MLP halves against float32
+router+A and `addmm_` of B into the gate half (docs/SERVING.md, "Serving speed").
+
+The packed copy is made from the weight's values at the time: `ServedExperts` makes it again after every
+slot change (multi-adapter serving on CPU runs eager, as vLLM turns compilation off with LoRA there).
+Elsewhere (CUDA, or a vLLM build without oneDNN) there is no factory and the plain matmul runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from badit_serve.routing import Gemm, GemmFactory, TorchGemm
+
+PRIMITIVE_CACHE_SIZE = 32
+"""oneDNN primitives cached per handler, keyed by the number of tokens (vLLM's own linear layers: 32)."""
+
+
+@dataclass(frozen=True)
+class OneDnnGemm:
+    """x (T, k) @ W.T through a prepacked oneDNN primitive; the output has x's dtype (= W's)."""
+
+    handler: object
+    """vLLM's `CPUDNNLGEMMHandler` (the packed weight lives behind its `handler_tensor`)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from vllm import _custom_ops as ops
+
+        return ops.onednn_mm(self.handler, x, None)  # (T, n)
+
+
+def onednn_gemm(weight: torch.Tensor) -> Gemm:
+    """The prepacked Gemm of weight (n, k); the plain matmul if oneDNN refuses it (as vLLM falls back)."""
+    from vllm import _custom_ops as ops
+
+    try:
+        return OneDnnGemm(ops.create_onednn_mm(weight.t(), PRIMITIVE_CACHE_SIZE))  # packs W.T (k, n)
+    except RuntimeError:
+        return TorchGemm(weight)
+
+
+def prepacked_gemm_factory(device: torch.device) -> GemmFactory | None:
+    """`onednn_gemm` on a CPU build of vLLM with oneDNN (not on POWER, as vLLM), None elsewhere."""
+    if device.type != "cpu":
+        return None
+    from vllm import _custom_ops as ops
+    from vllm.platforms import CpuArchEnum, current_platform
+
+    if not ops._supports_onednn or current_platform.get_cpu_architecture() == CpuArchEnum.POWERPC:
+        return None
+    return onednn_gemm

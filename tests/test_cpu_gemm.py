@@ -1,0 +1,77 @@
+"""vLLM's prepacked oneDNN GEMM as the experts' Gemm on CPU: same numbers as the plain matmul, and packed again
+whenever a slot changes (a stale packed copy would serve the previous adapter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from badit_serve.routing import (
+    RoutingSpec,
+    ServedExperts,
+    SlotIndex,
+    SlotShape,
+    TorchGemm,
+    add_served_delta,
+    served_routing,
+)
+from badit_serve.vllm_models.cpu_gemm import OneDnnGemm, onednn_gemm, prepacked_gemm_factory
+
+pytestmark = pytest.mark.skipif(
+    prepacked_gemm_factory(torch.device("cpu")) is None, reason="this vLLM build has no oneDNN GEMM"
+)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_onednn_gemm_matches_the_plain_matmul(dtype: torch.dtype, tol: float, tokens: int) -> None:
+    gen = torch.Generator().manual_seed(tokens)
+    weight = torch.randn(136, 96, generator=gen).to(dtype)  # (n, k)
+    x = torch.randn(tokens, 96, generator=gen).to(dtype)  # (T, k)
+    gemm = onednn_gemm(weight)
+    assert isinstance(gemm, OneDnnGemm)
+    got = gemm(x)  # (T, n)
+    assert got.dtype == dtype and got.shape == (tokens, 136)
+    torch.testing.assert_close(got.float(), (x.float() @ weight.float().t()), rtol=tol, atol=tol * 10)
+
+
+def _adapter(seed: int, k: int, rank: int, d_in: int, d_out: int) -> ServedExperts:
+    gen = torch.Generator().manual_seed(seed)
+    router = torch.randn(k, d_in, generator=gen)
+    a, b = torch.randn(k * rank, d_in, generator=gen), torch.randn(d_out, k * rank, generator=gen)
+    return ServedExperts.build(router, a, b, 0.5, k, torch.float32)
+
+
+def _delta(experts: ServedExperts, x: torch.Tensor, slots: SlotIndex | None, d_out: int) -> torch.Tensor:
+    spec = RoutingSpec(num_experts=4, top_k=2, mode="topk", gate_scale=1.0)
+    weighted = served_routing(x, experts, spec, slots)[2]  # (T, K*R)
+    return add_served_delta(torch.zeros(x.shape[0], d_out), weighted, experts, slots)  # (T, d_out)
+
+
+def test_prepacked_slots_follow_set_and_reset() -> None:
+    k, rank, d_in, d_out = 4, 4, 32, 48
+    first, second = _adapter(1, k, rank, d_in, d_out), _adapter(2, k, rank, d_in, d_out)
+    stacked = ServedExperts.empty_slots(2, SlotShape(k, k * rank, d_in, d_out), torch.float32, "cpu")
+    stacked.use_gemm(onednn_gemm)
+    x = torch.randn(6, d_in)
+    slots = SlotIndex.of(torch.tensor([0, 1, 0, 1, -1, 0]), 2, grouped=False)
+    assert _delta(stacked, x, slots, d_out).abs().sum() == 0  # empty slots add nothing
+    stacked.set_slot(0, first)
+    stacked.set_slot(1, second)
+    got = _delta(stacked, x, slots, d_out)
+    rows0, rows1 = [0, 2, 5], [1, 3]
+    torch.testing.assert_close(got[rows0], _delta(first, x, None, d_out)[rows0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[rows1], _delta(second, x, None, d_out)[rows1], rtol=1e-5, atol=1e-5)
+    assert got[4].abs().sum() == 0
+    stacked.set_slot(0, second)  # a new adapter in a used slot: served from the new values
+    again = _delta(stacked, x, slots, d_out)
+    torch.testing.assert_close(again[rows0], _delta(second, x, None, d_out)[rows0], rtol=1e-5, atol=1e-5)
+    stacked.reset_slot(1)
+    assert _delta(stacked, x, slots, d_out)[rows1].abs().sum() == 0
+
+
+def test_moving_the_experts_makes_the_gemms_again() -> None:
+    experts = _adapter(3, 4, 4, 32, 48)
+    experts.use_gemm(TorchGemm)
+    experts.to(torch.float64)
+    assert experts.a_gemm.weight.dtype == torch.float64 and experts.b_gemm.weight is experts.lora_b
