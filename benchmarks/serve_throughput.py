@@ -340,7 +340,8 @@ async def stream_clients(
             ttfts.append(((first or time.perf_counter()) - begin) * 1e3)
 
     begin = time.perf_counter()
-    await asyncio.gather(*(one_client() for _ in range(clients)))
+    async with client:  # closed inside the loop (an unclosed client errors after asyncio.run returns)
+        await asyncio.gather(*(one_client() for _ in range(clients)))
     return tokens, time.perf_counter() - begin, ttfts
 
 
