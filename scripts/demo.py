@@ -23,6 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+GOLD = "POS"
+"""The reference answer of the demo's sst2 question."""
+
+
 def banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
@@ -100,7 +104,13 @@ def main() -> None:
             max_tokens=32,
             temperature=0,
         )
-        print(f"user:      {question}\nassistant: {reply.choices[0].message.content!r}")
+        answer = reply.choices[0].message.content
+        print(f"user:      {question}\nassistant: {answer!r}   (gold: {GOLD!r})")
+        if (answer or "").strip() != GOLD:
+            print(
+                "           the quickstart trains a few steps on 72 examples: it learns the answer format, not"
+                f" the task (its test scores: {args.run_dir}/report.md)"
+            )
         print(
             f"usage:     {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens"
         )
