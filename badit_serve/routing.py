@@ -345,6 +345,13 @@ def _can_group(weight: torch.Tensor, *strides: int) -> bool:
     return native and all(stride * weight.element_size() % 16 == 0 for stride in strides)
 
 
+def _grouped_in_token_order(x: torch.Tensor, stacked: torch.Tensor, slots: SlotIndex) -> torch.Tensor:
+    """x (T, k) @ each token's slot of stacked (S, k, n) -> (T, n): one grouped matmul over the tokens sorted
+    by slot (`slots.order`, `slots.offsets`), then back in token order."""
+    grouped = torch._grouped_mm(x[slots.order], stacked, offs=slots.offsets)  # (T, n), sorted
+    return torch.empty_like(grouped).index_copy_(0, slots.order, grouped)  # (T, n)
+
+
 def _project(
     x: torch.Tensor, weight: torch.Tensor, gemm: Gemm, num_slots: int, slots: SlotIndex | None
 ) -> torch.Tensor:
@@ -355,9 +362,7 @@ def _project(
         return gemm(x)  # (T, W)
     if slots.order is None or not _can_group(weight, x.shape[1], width):
         return _per_slot(gemm(x), width, slots.slot)  # (T, W)
-    stacked = weight.view(num_slots, width, -1).transpose(1, 2)  # (S, d_in, W)
-    grouped = torch._grouped_mm(x[slots.order], stacked, offs=slots.offsets)  # (T, W), sorted
-    return torch.empty_like(grouped).index_copy_(0, slots.order, grouped)  # (T, W)
+    return _grouped_in_token_order(x, weight.view(num_slots, width, -1).transpose(1, 2), slots)  # (T, W)
 
 
 def served_routing(
@@ -367,7 +372,7 @@ def served_routing(
     (None with a single adapter); tokens that are not `slots.valid` get zero weights, no selection, no delta.
 
     Returns weights (T, K) and selected (T, K) as `routing_weights` gives them, and the weighted expert
-    activations (T, K*R) in the dtype of `experts.lora_b`, ready for `add_served_delta`.
+    activations (T, K*R) in the dtype of `experts.lora_b`, ready for `served_delta`.
     """
     num_tokens, dtype = x.shape[0], experts.lora_a.dtype
     if experts.num_router:
@@ -392,8 +397,7 @@ def served_delta(
     static-shape matmul; grouped form: one grouped matmul over the sorted tokens."""
     if slots is not None and slots.order is not None and _can_group(experts.lora_b, experts.slot_rank):
         stacked = experts.lora_b.view(experts.lora_b.shape[0], experts.num_slots, -1).permute(1, 2, 0)
-        grouped = torch._grouped_mm(weighted[slots.order], stacked, offs=slots.offsets)  # (T, d_out), sorted
-        return torch.empty_like(grouped).index_copy_(0, slots.order, grouped)  # (T, d_out)
+        return _grouped_in_token_order(weighted, stacked, slots)  # (T, d_out)
     if slots is not None:
         num_tokens, width = weighted.shape
         spread = weighted.new_zeros(num_tokens, experts.num_slots, width)  # (T, S, K*R)

@@ -87,9 +87,8 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
         self.spec = RoutingSpec(k, geometry.top_k, geometry.router, gate_scale=1.0)  # type: ignore[arg-type]
         shape = SlotShape(num_router, self.n, d_in, self.intermediate_local)
         self.served = ServedExperts.empty_slots(slots, shape, weight.dtype, weight.device)
-        factory = prepacked_gemm_factory(weight.device)
-        if factory is not None:  # CPU: packed again at every slot change (LoRA serving runs eager there)
-            self.served.use_gemm(factory)
+        # On CPU packed again at every slot change (LoRA serving runs eager there).
+        self.served.use_gemm(prepacked_gemm_factory(weight.device))
         self.register_buffer(
             "expert_tokens", torch.zeros(slots, k, dtype=torch.int64, device=weight.device), persistent=False
         )

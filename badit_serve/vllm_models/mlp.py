@@ -126,9 +126,7 @@ class BaditMLP(nn.Module):
     def build_served(self, dtype: torch.dtype) -> None:
         """Build the serving form of the experts (once after loading, again after a weight reload)."""
         self.served = self.badit_gate.to_served(self.block, dtype)
-        factory = prepacked_gemm_factory(self.served.lora_a.device)
-        if factory is not None:
-            self.served.use_gemm(factory)
+        self.served.use_gemm(prepacked_gemm_factory(self.served.lora_a.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.served is None:
