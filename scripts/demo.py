@@ -105,11 +105,14 @@ def main() -> None:
             temperature=0,
         )
         answer = reply.choices[0].message.content
-        print(f"user:      {question}\nassistant: {answer!r}   (gold: {GOLD!r})")
-        if (answer or "").strip() != GOLD:
+        right = (answer or "").strip() == GOLD
+        print(
+            f"user:      {question}\nassistant: {answer!r}   (gold: {GOLD!r}, {'right' if right else 'WRONG'})"
+        )
+        if not right:
             print(
-                "           the quickstart trains a few steps on 72 examples: it learns the answer format, not"
-                f" the task (its test scores: {args.run_dir}/report.md)"
+                "           the quickstart is a few minutes of CPU training and can still be wrong"
+                f" (its test scores: {args.run_dir}/report.md)"
             )
         print(
             f"usage:     {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens"
