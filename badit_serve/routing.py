@@ -46,16 +46,17 @@ def router_logits(x: torch.Tensor, router: torch.Tensor | None) -> torch.Tensor:
 
 
 def routing_weights(
-    logits: torch.Tensor, top_k: int, mode: RouterMode, gate_scale: float
+    logits: torch.Tensor, top_k: int, mode: RouterMode, gate_scale: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense routing weights and the selection mask.
 
-    logits: (T, K) router logits (ignored values for mode 'none', which needs K == 1).
+    logits: (T, K) router logits (ignored values for mode 'none', which needs K == 1); gate_scale: a number
+    or a 0-dim tensor (what a compiled region takes: no float argument to specialise on).
     Returns weights (T, K) — zero outside the selected experts — and selected (T, K) bool.
     """
     if mode == "none":
         selected = torch.ones_like(logits, dtype=torch.bool)  # (T, 1)
-        return torch.full_like(logits, gate_scale), selected
+        return torch.ones_like(logits) * gate_scale, selected
     if mode == "dense":
         weights = torch.softmax(logits.float(), dim=-1).to(logits.dtype) * gate_scale  # (T, K)
         return weights, torch.ones_like(logits, dtype=torch.bool)
@@ -366,7 +367,10 @@ def _project(
 
 
 def served_routing(
-    x: torch.Tensor, experts: ServedExperts, spec: RoutingSpec, slots: SlotIndex | None = None
+    x: torch.Tensor,
+    experts: ServedExperts,
+    spec: RoutingSpec,
+    slots: SlotIndex | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The router in float32, A in the model dtype. x: (T, d_in) any dtype; slots: each token's adapter slot
     (None with a single adapter); tokens that are not `slots.valid` get zero weights, no selection, no delta.
@@ -374,19 +378,34 @@ def served_routing(
     Returns weights (T, K) and selected (T, K) as `routing_weights` gives them, and the weighted expert
     activations (T, K*R) in the dtype of `experts.lora_b`, ready for `served_delta`.
     """
-    num_tokens, dtype = x.shape[0], experts.lora_a.dtype
+    num_tokens = x.shape[0]
     if experts.num_router:
         logits = _project(x.float(), experts.router, experts.router_gemm, experts.num_slots, slots)  # (T, K)
     else:
         logits = x.new_zeros(num_tokens, 1, dtype=torch.float32)  # (T, 1)
-    hidden = _project(x.to(dtype), experts.lora_a, experts.a_gemm, experts.num_slots, slots)  # (T, K*R)
+    hidden = _project(x.to(experts.lora_a.dtype), experts.lora_a, experts.a_gemm, experts.num_slots, slots)
     weights, selected = routing_weights(logits, spec.top_k, spec.mode, spec.gate_scale)  # (T, K), (T, K)
     if slots is not None:
         keep = slots.valid.unsqueeze(-1)  # (T, 1)
         weights, selected = weights * keep, selected & keep  # (T, K), (T, K)
-    rank = hidden.shape[1] // spec.num_experts
-    weighted = hidden.view(num_tokens, spec.num_experts, rank) * weights.unsqueeze(-1)  # (T, K, R) float32
-    return weights, selected, weighted.view(num_tokens, -1).to(experts.lora_b.dtype)  # (T, K*R)
+    return weights, selected, weigh_experts(hidden, weights, experts.lora_b.dtype)
+
+
+def served_router_logits(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+    """A single adapter's router logits in float32: x (T, d_in) any dtype, router (K, d_in) float32 ->
+    (T, K); (T, 1) zeros when the router has no rows (mode 'none')."""
+    if router.shape[0] == 0:
+        return x.new_zeros(x.shape[0], 1, dtype=torch.float32)  # (T, 1)
+    return x.float() @ router.t()  # (T, K)
+
+
+def weigh_experts(hidden: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Each expert's activations scaled by its routing weight: hidden (T, K*R) = A' x, weights (T, K) ->
+    (T, K*R) in `dtype` (the product in float32)."""
+    num_tokens, num_experts = weights.shape
+    rank = hidden.shape[1] // num_experts
+    weighted = hidden.reshape(num_tokens, num_experts, rank) * weights.unsqueeze(-1)  # (T, K, R) float32
+    return weighted.reshape(num_tokens, num_experts * rank).to(dtype)  # (T, K*R)
 
 
 def served_delta(

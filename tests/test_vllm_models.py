@@ -1,5 +1,5 @@
-"""Unit tests of the vLLM-side pieces that need no engine: BaditMLP math, TP sharding, the routing-stats
-op and its padding mask, the metrics collector, the plugin table, the experts response and the CLI."""
+"""Unit tests of the vLLM-side pieces that need no engine: BaditMLP math, TP sharding, the routing stats
+and their padding rows, the metrics collector, the plugin table, the experts response and the CLI."""
 
 from __future__ import annotations
 
@@ -38,16 +38,21 @@ def _block(router: str = "topk", top_k: int = 2, num_experts: int = K, **overrid
 
 
 class _FakeMerged(nn.Module):
-    """Stands in for MergedColumnParallelLinear (TP=1): [gate | up] and the attributes BaditMLP reads."""
+    """Stands in for MergedColumnParallelLinear (TP=1): one [gate; up] weight and the attributes BaditMLP
+    reads; `fusable` gives it vLLM's UnquantizedLinearMethod, so A' may be appended to its weight."""
 
-    def __init__(self, gate: nn.Linear, up: nn.Linear) -> None:
+    def __init__(self, gate: nn.Linear, up: nn.Linear, fusable: bool = False) -> None:
         super().__init__()
-        self.gate, self.up = gate, up
+        self.weight = nn.Parameter(torch.cat([gate.weight.data, up.weight.data]), requires_grad=False)
         self.input_size = gate.in_features
         self.output_partition_sizes = [gate.out_features, up.out_features]
+        if fusable:
+            from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+            self.quant_method = UnquantizedLinearMethod()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return torch.cat([self.gate(x), self.up(x)], dim=-1), None
+        return F.linear(x, self.weight), None
 
 
 class _FakeRow(nn.Module):
@@ -73,10 +78,21 @@ def _experts(block: BaditBlock, seed: int = 0) -> dict[str, torch.Tensor]:
     return experts
 
 
+def _serve(mlp: nn.Module, dtype: torch.dtype) -> None:
+    """What the model class does after loading (prepare_served) and after vLLM's post-processing."""
+    mlp.prepare_served(dtype)
+    mlp.finish_served()
+
+
+@pytest.mark.parametrize("fusable", [False, True], ids=["A-apart", "A-in-gate_up"])
 @pytest.mark.parametrize(
     ("router", "top_k", "num_experts"), [("topk", 2, K), ("dense", K, K), ("none", 1, 1)]
 )
-def test_badit_mlp_matches_reference_routed_linear(router: str, top_k: int, num_experts: int) -> None:
+def test_badit_mlp_matches_reference_routed_linear(
+    router: str, top_k: int, num_experts: int, fusable: bool
+) -> None:
+    """The routed MLP equals the reference routed gate, with A' run on its own or appended to the base
+    projection's weight (an unquantized gate_up_proj)."""
     from badit_serve.vllm_models.mlp import BaditMLP
 
     block = _block(router, top_k, num_experts)
@@ -87,10 +103,13 @@ def test_badit_mlp_matches_reference_routed_linear(router: str, top_k: int, num_
         nn.Linear(INTER, D_IN, bias=False),
     )
     experts = _experts(block)
-    mlp = BaditMLP(block, _FakeMerged(gate, up), _FakeRow(down), _silu_and_mul, tp_rank=0)
+    mlp = BaditMLP(block, _FakeMerged(gate, up, fusable), _FakeRow(down), _silu_and_mul, tp_rank=0)
     for name, tensor in experts.items():
         getattr(mlp.badit_gate, name).data.copy_(tensor)
-    mlp.build_served(torch.float32)
+    _serve(mlp, torch.float32)
+    n = block.num_experts * block.rank
+    assert mlp.fused_rows == (n if fusable else 0)
+    assert mlp.gate_up_proj.weight.shape[0] == 2 * INTER + mlp.fused_rows
     routed_gate = RoutedLinear(gate, block, experts)
     x = torch.randn(7, D_IN)
     with torch.no_grad():
@@ -113,36 +132,138 @@ def test_lora_b_weight_loader_takes_this_ranks_rows() -> None:
 
 
 def test_routing_stats_skip_padding_rows() -> None:
+    """The outer forward's real-row count (from vLLM's padding mask) limits what every layer counts."""
     from vllm.forward_context import override_forward_context
 
-    from badit_serve.vllm_models.routing_stats import ensure_registered, record_routing
+    from badit_serve.vllm_models.routing_stats import count_real_tokens, new_real_row_count
 
-    ensure_registered()
     selected = torch.tensor([[True, False], [True, True], [False, True], [True, True]])  # (T=4, K=2)
     weights = selected.float() * 0.5
     tokens, sums = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.float64)
+    num_real = new_real_row_count()
     is_padding = torch.tensor([False, False, True, True])  # rows 2, 3 are padding
     with override_forward_context(SimpleNamespace(is_padding=is_padding)):  # type: ignore[arg-type]
-        record_routing(selected, weights, tokens, sums)
+        count_real_tokens(num_real)
+    assert int(num_real) == 2
+    record_routing(selected, weights, num_real, tokens, sums)
     assert tokens.tolist() == [2, 1] and sums.tolist() == [1.0, 0.5]
-    record_routing(selected, weights, tokens, sums)  # no forward context: all rows
+    count_real_tokens(num_real)  # no forward context: all rows
+    record_routing(selected, weights, num_real, tokens, sums)
     assert tokens.tolist() == [5, 4]
-    with override_forward_context(SimpleNamespace(is_padding=torch.zeros(4, dtype=torch.bool))):  # type: ignore[arg-type]
-        record_routing(selected, weights, tokens, sums)  # a mask without padding rows: all rows
+    with override_forward_context(SimpleNamespace(is_padding=None)):  # type: ignore[arg-type]
+        count_real_tokens(num_real)  # a runner without a mask: all rows
+    record_routing(selected, weights, num_real, tokens, sums)
     assert tokens.tolist() == [8, 7]
 
 
-def test_real_token_mask_is_none_without_padding_rows_on_cpu() -> None:
-    """No padding row on CPU: no mask (the masking ops are skipped); a padding row gives the mask."""
-    from vllm.forward_context import override_forward_context
+def record_routing(
+    selected: torch.Tensor,
+    weights: torch.Tensor,
+    num_real: torch.Tensor,
+    tokens: torch.Tensor,
+    sums: torch.Tensor,
+) -> None:
+    """What BaditMLP does with a layer's routing statistics: add the increments into its buffers."""
+    from badit_serve.vllm_models.routing_stats import routing_increments
 
-    from badit_serve.vllm_models.routing_stats import real_token_mask
+    more_tokens, more_sums = routing_increments(selected, weights, num_real)
+    tokens.add_(more_tokens)
+    sums.add_(more_sums)
 
-    with override_forward_context(SimpleNamespace(is_padding=torch.zeros(3, dtype=torch.bool))):  # type: ignore[arg-type]
-        assert real_token_mask(3) is None
-    with override_forward_context(SimpleNamespace(is_padding=torch.tensor([False, True, False]))):  # type: ignore[arg-type]
-        real = real_token_mask(3)
-    assert real is not None and real.tolist() == [True, False, True]
+
+class _Counting(nn.Module):
+    """A compiled graph that counts like a routed layer: a shared real-row count read as a buffer."""
+
+    def __init__(self, num_real: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("num_real", num_real, persistent=False)
+        self.register_buffer("tokens", torch.zeros(2, dtype=torch.int64), persistent=False)
+        self.register_buffer("sums", torch.zeros(2, dtype=torch.float64), persistent=False)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        selected = logits > 0  # (T, 2)
+        record_routing(selected, logits.relu(), self.num_real, self.tokens, self.sums)
+        return logits * 2
+
+
+def test_routing_stats_count_inside_a_compiled_graph_and_follow_the_live_row_count() -> None:
+    """Counting is part of the compiled graph (no graph break, not eliminated as dead code), and the graph
+    reads the row count the outer forward wrote before each call, not the value it was traced with."""
+    from badit_serve.vllm_models.routing_stats import new_real_row_count
+
+    num_real = new_real_row_count()
+    layer = _Counting(num_real)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    logits = torch.tensor([[1.0, -1.0], [1.0, 1.0], [-1.0, 1.0], [1.0, 1.0], [1.0, -1.0]])  # (T=5, 2)
+    compiled(logits)  # every row
+    assert layer.tokens.tolist() == [4, 3]
+    num_real.fill_(2)  # rows 2.. are padding
+    compiled(logits)
+    assert layer.tokens.tolist() == [6, 4] and layer.sums.tolist() == [6.0, 4.0]
+    num_real.fill_(0)
+    compiled(logits[:3])  # another length, no real row
+    assert layer.tokens.tolist() == [6, 4]
+
+
+class _Routed(nn.Module):
+    """Layers that call `route_and_count` as BaditMLP does: A' x a column slice of a wider projection."""
+
+    def __init__(self, experts: list, num_real: torch.Tensor, spec) -> None:
+        super().__init__()
+        self.experts, self.spec = experts, spec
+        self.register_buffer("num_real", num_real, persistent=False)
+        self.register_buffer("gate_scale", torch.tensor(spec.gate_scale), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        from badit_serve.vllm_models.mlp import route_and_count
+
+        outs = []
+        for served in self.experts:
+            wide = x @ torch.cat([served.lora_a, served.lora_a]).t()  # (T, 2 * K*R)
+            hidden = wide[:, served.lora_a.shape[0] :]  # (T, K*R), strided
+            spec = self.spec
+            outs.append(
+                route_and_count(
+                    x, hidden, served.router, self.num_real, spec.top_k, spec.mode, self.gate_scale
+                )
+            )
+        return outs
+
+
+@pytest.mark.parametrize(("mode", "top_k", "num_experts"), [("topk", 2, K), ("dense", K, K), ("none", 1, 1)])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_route_and_count_equals_the_served_routing_and_counts_real_rows(
+    compiled: bool, mode: str, top_k: int, num_experts: int
+) -> None:
+    """The routing region of BaditMLP (reused by every layer under torch.compile) gives served_routing's
+    weighted activations and the real rows' statistics, for every layer, at two batch lengths."""
+    from badit_serve.routing import RoutingSpec, ServedExperts, served_routing
+    from badit_serve.vllm_models.routing_stats import new_real_row_count
+
+    gen = torch.Generator().manual_seed(5)
+    spec = RoutingSpec(num_experts=num_experts, top_k=top_k, mode=mode, gate_scale=2.0)  # type: ignore[arg-type]
+    experts = [
+        ServedExperts.build(
+            None if mode == "none" else torch.randn(num_experts, D_IN, generator=gen),
+            torch.randn(num_experts * R, D_IN, generator=gen),
+            torch.randn(INTER, num_experts * R, generator=gen),
+            0.5,
+            num_experts,
+            torch.float32,
+        )
+        for _ in range(3)
+    ]
+    num_real = new_real_row_count()
+    layers = _Routed(experts, num_real, spec)
+    run = torch.compile(layers, fullgraph=True, dynamic=True, backend="aot_eager") if compiled else layers
+    for tokens, real in ((7, 7), (5, 3)):
+        x = torch.randn(tokens, D_IN, generator=gen)
+        num_real.fill_(real)
+        for served, (weighted, counts, sums) in zip(experts, run(x), strict=True):
+            weights, selected, expected = served_routing(x, served, spec)
+            torch.testing.assert_close(weighted, expected)
+            assert counts.tolist() == selected[:real].sum(0).tolist()
+            torch.testing.assert_close(sums, weights[:real].sum(0).double())
 
 
 def test_collector_counts_only_after_start_and_reports_differences() -> None:
@@ -333,10 +454,12 @@ def test_badit_mlp_in_bfloat16_stays_close_to_the_float32_reference() -> None:
     bf16 = [nn.Linear(m.in_features, m.out_features, bias=False).bfloat16() for m in (gate, up, down)]
     for low, high in zip(bf16, (gate, up, down), strict=True):
         low.weight.data.copy_(high.weight.data)
-    mlp = BaditMLP(block, _FakeMerged(bf16[0], bf16[1]), _FakeRow(bf16[2]), _silu_and_mul, tp_rank=0)
+    merged = _FakeMerged(bf16[0], bf16[1], fusable=True)
+    mlp = BaditMLP(block, merged, _FakeRow(bf16[2]), _silu_and_mul, tp_rank=0)
     for name, tensor in experts.items():
         getattr(mlp.badit_gate, name).data.copy_(tensor)
-    mlp.build_served(torch.bfloat16)
+    _serve(mlp, torch.bfloat16)
+    assert mlp.fused_rows == block.num_experts * block.rank  # A' rides in the bfloat16 base projection
     assert mlp.served.lora_b.dtype == torch.bfloat16 and mlp.served.lora_a.dtype == torch.bfloat16
     assert mlp.served.router.dtype == torch.float32
     x = torch.randn(7, D_IN)

@@ -90,7 +90,7 @@ def _logprobs_of(model: torch.nn.Module, prompt: list[int], tokens: list[int]) -
 
 CASES = [("llama", 1, True), ("qwen3", 1, False), ("gemma2", 1, True), ("llama", 2, True)]
 """(family, tensor_parallel_size, eager). TP=2 exercises the sharded lora_b (each rank its rows of the gate
-half); qwen3 runs in vLLM's default torch.compile mode (the routing-stats custom op inside the graph)."""
+half); qwen3 runs in vLLM's default torch.compile mode (the routing region and the in-graph counts)."""
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ functions with one slot) instead of running LoRA kernels:
   through vLLM's prepacked oneDNN GEMM, packed again after every slot change).
 - Static shapes; slot -1 tokens and padding rows get no delta (vLLM's CPU LoRA ops would apply the last
   slot to -1 tokens, so the slot layer masks them itself).
-- Routing statistics per slot, (S, K), through the `badit_record_slot_routing` custom op.
+- Routing statistics per slot, (S, K), counted in the layer's forward (`routing_stats`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from badit_serve.routing import (
     served_routing,
 )
 from badit_serve.vllm_models.cpu_gemm import prepacked_gemm_factory
-from badit_serve.vllm_models.routing_stats import ensure_registered, real_token_mask, record_slot_routing
+from badit_serve.vllm_models.routing_stats import new_real_row_count, real_rows, record_slot_routing
 
 ADAPTER_TENSOR_DTYPE = torch.float32
 """The dtype vLLM's LoRA loader must give adapter tensors (see `use_float32_adapter_tensors`)."""
@@ -71,7 +71,13 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
     keys of any module's `embedding_modules` (vllm/lora/utils.py); this layer is not a LinearBase (its base
     layer is), so it names itself here: adapters' `gate_proj` tensors then pack into it."""
 
-    def __init__(self, base_layer: nn.Module, geometry: SlotGeometry, tp_rank: int) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        geometry: SlotGeometry,
+        tp_rank: int,
+        num_real: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.geometry, self.tp_rank = geometry, tp_rank
@@ -105,7 +111,9 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
         )
         self.slot_listener = None  # called with (slot) when a slot's adapter changes (expert metrics)
         self.record_stats = True
-        ensure_registered()
+        # The model's shared real-row count (routing_stats.count_real_tokens).
+        real = new_real_row_count(weight.device) if num_real is None else num_real
+        self.register_buffer("num_real", real, persistent=False)
 
     def reset_lora(self, index: int) -> None:
         self._notify(index)
@@ -139,7 +147,8 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
     def token_slots(self, tokens: int) -> SlotIndex:
         """This batch's per-token slots, from vLLM's punica wrapper (-1 = base model) and the padding mask."""
         indices = self.punica_wrapper._token_lora_indices[:tokens]  # (T,) -1 = base model
-        return SlotIndex.of(indices, self.served.num_slots, real_token_mask(tokens))
+        real = real_rows(tokens, self.num_real, indices.device)  # (T,)
+        return SlotIndex.of(indices, self.served.num_slots, real)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         gate_up, bias = self.base_layer(x)  # (T, 2 * I_local)
@@ -153,9 +162,12 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
         return gate_up, bias
 
 
-def install_slot_layers(model: nn.Module, geometry: SlotGeometry) -> dict[str, BaditSlotsGateUp]:
+def install_slot_layers(
+    model: nn.Module, geometry: SlotGeometry, num_real: torch.Tensor
+) -> dict[str, BaditSlotsGateUp]:
     """Wrap the gate_up_proj of every adapted layer (after the base weights are loaded and before vLLM's
-    LoRA manager is built). Returns adapted gate module name -> layer."""
+    LoRA manager is built); each reads the model's shared real-row count `num_real`. Returns adapted gate
+    module name -> layer."""
     from vllm.distributed import get_tensor_model_parallel_rank
 
     tp_rank = get_tensor_model_parallel_rank()
@@ -170,7 +182,7 @@ def install_slot_layers(model: nn.Module, geometry: SlotGeometry) -> dict[str, B
             raise ValueError(
                 f"{mlp_name} ({type(mlp).__name__}) has no gate_up_proj: cannot serve Badit adapters"
             )
-        layer = BaditSlotsGateUp(mlp.gate_up_proj, geometry, tp_rank)
+        layer = BaditSlotsGateUp(mlp.gate_up_proj, geometry, tp_rank, num_real)
         mlp.gate_up_proj = layer
         installed[gate_name] = layer
     return installed

@@ -3,9 +3,14 @@
 Mixed in before the vLLM class (`class BaditLlamaForCausalLM(BaditCausalLMMixin, LlamaForCausalLM)`): it
 validates the config's `badit` block, lets the vLLM class build itself, swaps each adapted decoder layer's
 MLP for a `BaditMLP` (reusing its fused gate_up_proj, down_proj and activation), and loads the expert
-tensors itself while the vLLM loader loads everything else (the residual gate_proj included). After
-loading (vLLM's model-level `process_weights_after_loading` hook) every BaditMLP builds the serving form
-of its experts in the model dtype.
+tensors itself while the vLLM loader loads everything else (the residual gate_proj included). Once the
+checkpoint is loaded every BaditMLP builds the serving form of its experts in the model dtype (and appends
+A' to its gate_up_proj weight before vLLM post-processes the linear layers); after vLLM's post-processing
+(its model-level `process_weights_after_loading` hook) it makes the experts' Gemms.
+
+Its forward runs outside the compiled decoder stack (vLLM compiles the inner *Model): before each pass it
+writes the number of real (non-padding) rows into the one tensor every routed layer reads
+(`routing_stats.count_real_tokens`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from badit_serve.vllm_models.mlp import (
     read_badit_block,
     split_expert_weights,
 )
+from badit_serve.vllm_models.routing_stats import count_real_tokens, new_real_row_count
 
 
 class BaditCausalLMMixin:
@@ -40,6 +46,8 @@ class BaditCausalLMMixin:
     badit_slots: SlotGeometry | None = None
     badit_slot_layers: dict[str, BaditSlotsGateUp]
     badit_dtype: torch.dtype
+    badit_num_real: torch.Tensor
+    """0-dim int64: this forward pass's real (non-padding) rows, read by every routed layer."""
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:  # vllm_config: vllm.config.VllmConfig
         geometry = read_slot_geometry(vllm_config.model_config.hf_config)
@@ -47,13 +55,24 @@ class BaditCausalLMMixin:
             use_float32_adapter_tensors(vllm_config)
             super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
             self.badit_slots, self.badit_slot_layers, self.badit_mlps = geometry, {}, {}
+            self._badit_register_row_count()
             return
         block = read_badit_block(vllm_config.model_config.hf_config)  # fail before building anything
         super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         self.badit_block = block
         self.badit_dtype = vllm_config.model_config.dtype
-        self.badit_mlps = install_badit_mlps(self, block)  # type: ignore[arg-type]
+        self._badit_register_row_count()
+        self.badit_mlps = install_badit_mlps(self, block, self.badit_num_real)  # type: ignore[arg-type]
         check_coverage(self.badit_mlps, block, self._badit_is_missing)
+
+    def _badit_register_row_count(self) -> None:
+        # Built under vLLM's target-device context, like the model's parameters.
+        self.register_buffer("badit_num_real", new_real_row_count(), persistent=False)  # type: ignore[attr-defined]
+
+    def forward(self, *args, **kwargs):
+        """The vLLM class's forward, after writing this pass's real-row count for the routed layers."""
+        count_real_tokens(self.badit_num_real)
+        return super().forward(*args, **kwargs)  # type: ignore[misc]
 
     def _badit_is_missing(self, name: str) -> bool:
         """True for names of layers that live on another pipeline-parallel rank."""
@@ -67,7 +86,7 @@ class BaditCausalLMMixin:
         through vLLM's LoRA manager)."""
         if self.badit_slots is not None:
             loaded_base = super().load_weights(weights)  # type: ignore[misc]
-            self.badit_slot_layers = install_slot_layers(self, self.badit_slots)  # type: ignore[arg-type]
+            self.badit_slot_layers = install_slot_layers(self, self.badit_slots, self.badit_num_real)  # type: ignore[arg-type]
             return set(loaded_base)
         params = dict(self.named_parameters())  # type: ignore[attr-defined]
         loaded: set[str] = set()
@@ -80,12 +99,14 @@ class BaditCausalLMMixin:
         ]
         if missing:
             raise ValueError(f"expert tensor(s) {missing[:3]} missing from the checkpoint")
+        for mlp in self.badit_mlps.values():  # before vLLM post-processes (prepacks) gate_up_proj
+            mlp.prepare_served(self.badit_dtype)
         return loaded | set(loaded_base)
 
     def process_weights_after_loading(self) -> None:
-        """vLLM's model-level hook after loading: the experts' serving form, in the model dtype."""
+        """vLLM's model-level hook after its per-layer post-processing: the experts' Gemms."""
         parent = getattr(super(), "process_weights_after_loading", None)
         if parent is not None:
             parent()
         for mlp in self.badit_mlps.values():
-            mlp.build_served(self.badit_dtype)
+            mlp.finish_served()

@@ -3,18 +3,25 @@
 `BaditMLP` keeps vLLM's fused `gate_up_proj` (MergedColumnParallelLinear, the frozen residual gate and the
 up projection) and adds the routed expert delta to the gate half before the activation:
 
-    gate_up = gate_up_proj(x)                                               # (T, 2 * I_local)
-    weights, selected, weighted = served_routing(x, experts, spec)          # (T, K), (T, K), (T, K*R)
-    delta = weighted @ experts.lora_b.T                                     # (T, I_local), model dtype
-    gate_up = cat([gate_up[:, :I_local] + delta, gate_up[:, I_local:]])     # fused into act_fn by inductor
+    projected = gate_up_proj(x)                            # (T, 2 * I_local + K*R): [gate | up | A' x]
+    weights, selected, weighted = served_routing(x, experts, spec, hidden=A' x)   # (T, K) x2, (T, K*R)
+    delta = weighted @ experts.lora_b.T                                           # (T, I_local)
+    gate_up = cat([gate + delta, up])                      # fused into act_fn by inductor
 
 with `badit_serve.routing`'s serving form of the shared math (`ServedExperts`): the router in float32
-(top-k on float32 logits like the reference), A' and s * B' in the model dtype (on CPU through vLLM's
-prepacked oneDNN GEMM, `cpu_gemm`), the experts refactorised into balanced factors once after loading
-(`process_weights_after_loading`), so bfloat16 serving never subtracts two large BAD terms. Tensor
-parallelism: `lora_a` and `router` are replicated; `lora_b` is sharded along d_out exactly like the gate
-half (rows [rank * I_local, ...)); the refactorisation of a shard's rows keeps B'_e A'_e equal to that
-shard's rows of B_e A_e.
+(top-k on float32 logits like the reference), A' and s * B' in the model dtype, the experts refactorised
+into balanced factors once after loading, so bfloat16 serving never subtracts two large BAD terms.
+
+A' rides along in the base projection: after the checkpoint is loaded (`BaditMLP.prepare_served`, before
+vLLM post-processes the linear layers) its K*R rows are appended to gate_up_proj's weight, so vLLM's own
+GEMM (prepacked oneDNN on CPU, cuBLAS on GPU) computes them in the same call as the gate and up halves:
+one GEMM call fewer per layer. That needs an unquantized gate_up_proj in the serving dtype; otherwise A'
+runs on its own (`ServedExperts.a_gemm`). s * B' runs through vLLM's prepacked oneDNN GEMM on CPU
+(`cpu_gemm`). The routing statistics are counted in the same graph (`routing_stats`).
+
+Tensor parallelism: `lora_a` and `router` are replicated (so the appended A' rows are the same on every
+rank); `lora_b` is sharded along d_out exactly like the gate half (rows [rank * I_local, ...)); the
+refactorisation of a shard's rows keeps B'_e A'_e equal to that shard's rows of B_e A_e.
 """
 
 from __future__ import annotations
@@ -25,9 +32,16 @@ import torch
 from torch import nn
 
 from badit_serve.format import EXPERT_MARK, BaditBlock, expert_prefix
-from badit_serve.routing import RoutingSpec, ServedExperts, served_delta, served_routing
+from badit_serve.routing import (
+    RoutingSpec,
+    ServedExperts,
+    routing_weights,
+    served_delta,
+    served_router_logits,
+    weigh_experts,
+)
 from badit_serve.vllm_models.cpu_gemm import prepacked_gemm_factory
-from badit_serve.vllm_models.routing_stats import ensure_registered, record_routing
+from badit_serve.vllm_models.routing_stats import new_real_row_count, routing_increments
 
 SUPPORTED_TARGETS = ["gate_proj"]
 
@@ -55,8 +69,8 @@ def check_servable(block: BaditBlock) -> None:
 
 class BaditGate(nn.Module):
     """The routed experts of one gate_proj as loaded: `lora_a` (K*R, d_in) and `router` (K, d_in)
-    replicated, `lora_b` (I_local, K*R) this rank's rows of the (d_out, K*R) tensor. All float32, and
-    released by `to_served` (the serving form replaces them)."""
+    replicated, `lora_b` (I_local, K*R) this rank's rows of the (d_out, K*R) tensor. All float32 (the trained
+    values, which the float64 refactorisation of `to_served` starts from)."""
 
     def __init__(self, block: BaditBlock, d_in: int, d_out_local: int, tp_rank: int) -> None:
         super().__init__()
@@ -103,6 +117,7 @@ class BaditMLP(nn.Module):
         down_proj: nn.Module,
         act_fn: Callable[[torch.Tensor], torch.Tensor],
         tp_rank: int,
+        num_real: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.block = block
@@ -112,8 +127,18 @@ class BaditMLP(nn.Module):
         self.intermediate_local = int(gate_up_proj.output_partition_sizes[0])
         self.badit_gate = BaditGate(block, int(gate_up_proj.input_size), self.intermediate_local, tp_rank)
         self.spec = RoutingSpec(block.num_experts, block.top_k, block.router, block.gate_scale)
-        self.served: ServedExperts | None = None  # set by process_weights_after_loading
+        self.served: ServedExperts | None = None  # set by prepare_served
+        self.fused_rows = 0
+        """K*R when A' rides in gate_up_proj's weight (`prepare_served`), else 0."""
         # Routing statistics of the real tokens (see routing_stats); not parameters, not in checkpoints.
+        # `num_real` is the model's shared real-row count (one tensor for all layers).
+        self.register_buffer(
+            "num_real", new_real_row_count() if num_real is None else num_real, persistent=False
+        )
+        # A tensor, not a float argument, for the compiled routing region (`route_and_count`).
+        self.register_buffer(
+            "gate_scale", torch.tensor(block.gate_scale, dtype=torch.float32), persistent=False
+        )
         self.register_buffer(
             "expert_tokens", torch.zeros(block.num_experts, dtype=torch.int64), persistent=False
         )
@@ -121,33 +146,104 @@ class BaditMLP(nn.Module):
             "router_weight_sums", torch.zeros(block.num_experts, dtype=torch.float64), persistent=False
         )
         self.record_stats = True
-        ensure_registered()
 
-    def build_served(self, dtype: torch.dtype) -> None:
-        """Build the serving form of the experts (once after loading, again after a weight reload)."""
+    def prepare_served(self, dtype: torch.dtype) -> None:
+        """Build the serving form of the experts and append A' to gate_up_proj's weight where it can ride
+        there (after the checkpoint is loaded, before vLLM post-processes the linear layers; again after a
+        weight reload, which rewrites the appended rows in place)."""
         self.served = self.badit_gate.to_served(self.block, dtype)
+        weight = getattr(self.gate_up_proj, "weight", None)
+        if not _can_fuse(self.gate_up_proj, weight, self.served.lora_a):
+            self.fused_rows = 0
+            return
+        base_rows, extra = 2 * self.intermediate_local, self.served.lora_a  # extra: (K*R, d_in)
+        if weight.shape[0] == base_rows:
+            weight.data = torch.cat([weight.data, extra.to(weight.device)])  # (2 * I_local + K*R, d_in)
+        else:
+            weight.data[base_rows:].copy_(extra)  # a reload: the rows are already there
+        self.fused_rows = extra.shape[0]
+
+    def finish_served(self) -> None:
+        """After vLLM's post-processing: the experts' Gemms on their final device (prepacked on CPU)."""
+        if self.served is None:
+            raise RuntimeError("BaditMLP.finish_served before prepare_served")
         self.served.use_gemm(prepacked_gemm_factory(self.served.lora_a.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.served is None:
-            raise RuntimeError("BaditMLP used before process_weights_after_loading built its experts")
-        gate_up, _ = self.gate_up_proj(x)  # (T, 2 * I_local)
+        served = self.served
+        if served is None:
+            raise RuntimeError("BaditMLP used before its experts were built (prepare_served)")
+        projected, _ = self.gate_up_proj(x)  # (T, 2 * I_local [+ K*R])
         flat = x.reshape(-1, x.shape[-1])  # (T, d_in)
-        weights, selected, weighted = served_routing(flat, self.served, self.spec)  # (T, K), (T, K), (T, K*R)
+        if self.fused_rows:
+            projected, hidden = projected.split([2 * self.intermediate_local, self.fused_rows], dim=-1)
+            hidden = hidden.reshape(flat.shape[0], self.fused_rows)  # (T, K*R) = A' x
+        else:
+            hidden = served.a_gemm(flat.to(served.lora_a.dtype))  # (T, K*R)
+        spec = self.spec
+        weighted, tokens, sums = route_and_count(
+            flat, hidden, served.router, self.num_real, spec.top_k, spec.mode, self.gate_scale
+        )  # (T, K*R), (K,), (K,)
         if self.record_stats:
-            record_routing(selected, weights, self.expert_tokens, self.router_weight_sums)
-        delta = served_delta(weighted, self.served)  # (T, I_local)
-        gate, up = gate_up.split(self.intermediate_local, dim=-1)  # (..., I_local) x2
+            self.expert_tokens.add_(tokens)  # (K,)
+            self.router_weight_sums.add_(sums)  # (K,)
+        delta = served_delta(weighted, served)  # (T, I_local)
+        gate, up = projected.split(self.intermediate_local, dim=-1)  # (..., I_local) x2
         # Out of place, so torch.compile fuses the add and the concatenation into the activation's kernel.
         gate_up = torch.cat([gate + delta.view_as(gate), up], dim=-1)  # (..., 2 * I_local)
         out, _ = self.down_proj(self.act_fn(gate_up))  # (T, d_model)
         return out
 
 
-def install_badit_mlps(model: nn.Module, block: BaditBlock) -> dict[str, BaditMLP]:
+@torch.compiler.nested_compile_region
+def route_and_count(
+    x: torch.Tensor,
+    hidden: torch.Tensor,
+    router: torch.Tensor,
+    num_real: torch.Tensor,
+    top_k: int,
+    mode: str,
+    gate_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One routed layer's routing (`badit_serve.routing`: float32 router logits, weights, the weighted
+    expert activations) and its routing statistics over the real rows (`routing_stats`).
+
+    x: (T, d_in); hidden: (T, K*R) = A' x in the model dtype; router: (K, d_in) float32, no rows in mode
+    'none'; num_real: 0-dim int64; gate_scale: 0-dim float32. Returns weighted (T, K*R) in hidden's dtype, the selected-token count
+    (K,) int64 and the routing-weight sum (K,) float64 of the real rows.
+
+    A nested compile region: every layer calls it with the same shapes, so torch.compile traces and
+    compiles it once and reuses it for all layers (inductor's work for the routed path then does not grow
+    with the number of layers, which is most of what the routed path added to a first start); without
+    torch.compile it is a plain call.
+    """
+    logits = served_router_logits(x, router)  # (T, K) float32
+    weights, selected = routing_weights(logits, top_k, mode, gate_scale)  # type: ignore[arg-type]  # (T, K) x2
+    tokens, sums = routing_increments(selected, weights, num_real)  # (K,), (K,)
+    return weigh_experts(hidden, weights, hidden.dtype), tokens, sums  # (T, K*R), (K,), (K,)
+
+
+def _can_fuse(layer: nn.Module, weight: torch.Tensor | None, lora_a: torch.Tensor) -> bool:
+    """Whether A' can ride in this gate_up_proj's weight: an unquantized 2-D weight (vLLM's
+    UnquantizedLinearMethod) in A's dtype, on a real device, without a bias."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    return (
+        isinstance(getattr(layer, "quant_method", None), UnquantizedLinearMethod)
+        and isinstance(weight, torch.Tensor)
+        and weight.ndim == 2
+        and not weight.is_meta
+        and weight.dtype == lora_a.dtype
+        and weight.shape[1] == lora_a.shape[1]
+        and getattr(layer, "bias", None) is None
+    )
+
+
+def install_badit_mlps(model: nn.Module, block: BaditBlock, num_real: torch.Tensor) -> dict[str, BaditMLP]:
     """Replace the MLP of every decoder layer whose gate_proj is adapted with a `BaditMLP` that reuses its
-    gate_up_proj, down_proj and act_fn. `model` is the *ForCausalLM (module names relative to it, as in
-    the checkpoint). Returns gate module name -> BaditMLP."""
+    gate_up_proj, down_proj and act_fn and reads the model's shared real-row count `num_real`. `model` is
+    the *ForCausalLM (module names relative to it, as in the checkpoint). Returns gate module name ->
+    BaditMLP."""
     from vllm.distributed import get_tensor_model_parallel_rank
 
     tp_rank = get_tensor_model_parallel_rank()
@@ -163,7 +259,7 @@ def install_badit_mlps(model: nn.Module, block: BaditBlock) -> dict[str, BaditML
                 raise ValueError(
                     f"{name}.mlp ({type(mlp).__name__}) has no {attr}: not a gated MLP Badit can serve"
                 )
-        routed = BaditMLP(block, mlp.gate_up_proj, mlp.down_proj, mlp.act_fn, tp_rank)
+        routed = BaditMLP(block, mlp.gate_up_proj, mlp.down_proj, mlp.act_fn, tp_rank, num_real)
         module.mlp = routed
         installed[gate_name] = routed
     return installed
