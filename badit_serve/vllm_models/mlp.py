@@ -3,10 +3,10 @@
 `BaditMLP` keeps vLLM's fused `gate_up_proj` (MergedColumnParallelLinear, the frozen residual gate and the
 up projection) and adds the routed expert delta to the gate half before the activation:
 
-    projected = gate_up_proj(x)                            # (T, 2 * I_local + K*R): [gate | up | A' x]
-    weights, selected, weighted = served_routing(x, experts, spec, hidden=A' x)   # (T, K) x2, (T, K*R)
-    delta = weighted @ experts.lora_b.T                                           # (T, I_local)
-    gate_up = cat([gate + delta, up])                      # fused into act_fn by inductor
+    projected = gate_up_proj(x)                      # (T, 2 * I_local + K*R): [gate | up | A' x]
+    weighted, tokens, sums = route_and_count(x, A' x, router, ...)   # (T, K*R), (K,), (K,)
+    delta = weighted @ experts.lora_b.T              # (T, I_local)
+    gate_up = cat([gate + delta, up])                # fused into act_fn by inductor
 
 with `badit_serve.routing`'s serving form of the shared math (`ServedExperts`): the router in float32
 (top-k on float32 logits like the reference), A' and s * B' in the model dtype, the experts refactorised
@@ -149,8 +149,9 @@ class BaditMLP(nn.Module):
 
     def prepare_served(self, dtype: torch.dtype) -> None:
         """Build the serving form of the experts and append A' to gate_up_proj's weight where it can ride
-        there (after the checkpoint is loaded, before vLLM post-processes the linear layers; again after a
-        weight reload, which rewrites the appended rows in place)."""
+        there (after the checkpoint is loaded, before vLLM post-processes the linear layers). A reload of the
+        weights (GPU: the weight stays) rewrites the appended rows in place; on CPU vLLM releases every
+        linear layer's unpacked weight after prepacking, so there it cannot reload the base either."""
         self.served = self.badit_gate.to_served(self.block, dtype)
         weight = getattr(self.gate_up_proj, "weight", None)
         if not _can_fuse(self.gate_up_proj, weight, self.served.lora_a):
