@@ -367,10 +367,7 @@ def _project(
 
 
 def served_routing(
-    x: torch.Tensor,
-    experts: ServedExperts,
-    spec: RoutingSpec,
-    slots: SlotIndex | None = None,
+    x: torch.Tensor, experts: ServedExperts, spec: RoutingSpec, slots: SlotIndex | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The router in float32, A in the model dtype. x: (T, d_in) any dtype; slots: each token's adapter slot
     (None with a single adapter); tokens that are not `slots.valid` get zero weights, no selection, no delta.
@@ -392,11 +389,9 @@ def served_routing(
 
 
 def served_router_logits(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
-    """A single adapter's router logits in float32: x (T, d_in) any dtype, router (K, d_in) float32 ->
-    (T, K); (T, 1) zeros when the router has no rows (mode 'none')."""
-    if router.shape[0] == 0:
-        return x.new_zeros(x.shape[0], 1, dtype=torch.float32)  # (T, 1)
-    return x.float() @ router.t()  # (T, K)
+    """`router_logits` in float32 for a served router buffer: x (T, d_in) any dtype, router (K, d_in)
+    float32 with no rows in mode 'none' -> (T, K), or (T, 1) zeros."""
+    return router_logits(x.float(), router if router.shape[0] else None)  # (T, K)
 
 
 def weigh_experts(hidden: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -35,7 +35,7 @@ from badit_serve.routing import (
     served_routing,
 )
 from badit_serve.vllm_models.cpu_gemm import prepacked_gemm_factory
-from badit_serve.vllm_models.routing_stats import new_real_row_count, real_rows, record_slot_routing
+from badit_serve.vllm_models.routing_stats import real_rows, record_slot_routing
 
 ADAPTER_TENSOR_DTYPE = torch.float32
 """The dtype vLLM's LoRA loader must give adapter tensors (see `use_float32_adapter_tensors`)."""
@@ -76,7 +76,7 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
         base_layer: nn.Module,
         geometry: SlotGeometry,
         tp_rank: int,
-        num_real: torch.Tensor | None = None,
+        num_real: torch.Tensor,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -112,8 +112,7 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
         self.slot_listener = None  # called with (slot) when a slot's adapter changes (expert metrics)
         self.record_stats = True
         # The model's shared real-row count (routing_stats.count_real_tokens).
-        real = new_real_row_count(weight.device) if num_real is None else num_real
-        self.register_buffer("num_real", real, persistent=False)
+        self.register_buffer("num_real", num_real, persistent=False)
 
     def reset_lora(self, index: int) -> None:
         self._notify(index)
@@ -147,7 +146,7 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
     def token_slots(self, tokens: int) -> SlotIndex:
         """This batch's per-token slots, from vLLM's punica wrapper (-1 = base model) and the padding mask."""
         indices = self.punica_wrapper._token_lora_indices[:tokens]  # (T,) -1 = base model
-        real = real_rows(tokens, self.num_real, indices.device)  # (T,)
+        real = real_rows(tokens, self.num_real)  # (T,)
         return SlotIndex.of(indices, self.served.num_slots, real)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:

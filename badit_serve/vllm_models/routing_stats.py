@@ -3,11 +3,10 @@
 Every `BaditMLP` adds, over the REAL tokens of the batch only, the selected-token count per expert into an
 int64 (K,) buffer and the routing-weight sum per expert into a float64 (K,) buffer (`routing_increments`,
 computed in the layer's compiled routing region); the multi-adapter layer does the same per adapter slot
-into (S, K) buffers (`record_slot_routing`). These are
-plain in-place tensor ops, so under torch.compile they are part of the layer's graph (inductor fuses the
-masking and the sums with the routing kernels; an in-place buffer update is a side effect, never dead-code
-eliminated), and under CUDA graphs they replay on the captured buffers. No `.item()`, no host sync, no
-data-dependent shapes.
+into (S, K) buffers (`record_slot_routing`). These are plain in-place tensor ops, so under torch.compile
+they are part of the layer's graph (inductor fuses the masking and the sums with the routing kernels; an
+in-place buffer update is a side effect, never dead-code eliminated), and under CUDA graphs they replay on
+the captured buffers. No `.item()`, no host sync, no data-dependent shapes.
 
 Padding rows: vLLM 0.32's model runner (the CPU runner inherits `GPUModelRunner`) passes `is_padding=` to
 `set_forward_context`, a bool (num_tokens_padded,) view of a persistent buffer, True for the rows past
@@ -44,9 +43,10 @@ def count_real_tokens(num_real: torch.Tensor) -> None:
     num_real.copy_(torch.logical_not(is_padding).sum())
 
 
-def real_rows(tokens: int, num_real: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(T,) bool: True on the first `num_real` rows (the real tokens), False on padding rows."""
-    return torch.arange(tokens, device=device) < num_real  # (T,)
+def real_rows(tokens: int, num_real: torch.Tensor) -> torch.Tensor:
+    """(T,) bool on num_real's device: True on the first `num_real` rows (the real tokens), False on padding
+    rows."""
+    return torch.arange(tokens, device=num_real.device) < num_real  # (T,)
 
 
 def routing_increments(
@@ -57,7 +57,7 @@ def routing_increments(
 
     selected: (T, K) bool; weights: (T, K) float; num_real: 0-dim int64.
     """
-    real = real_rows(selected.shape[0], num_real, selected.device).unsqueeze(-1)  # (T, 1)
+    real = real_rows(selected.shape[0], num_real).unsqueeze(-1)  # (T, 1)
     tokens = (selected & real).sum(dim=0, dtype=torch.int64)  # (K,)
     return tokens, (weights * real).sum(dim=0, dtype=torch.float64)  # (K,), (K,)
 
