@@ -1,5 +1,6 @@
 """The main job on the embedded default model: data report -> quickstart training -> export -> vLLM
-serving -> one chat answer through the `openai` client -> per-expert activation table from /metrics.
+serving -> one chat answer through the `openai` client, backed by the served adapter's answers to the first
+100 held-out sst2 test sentences -> per-expert activation table from /metrics.
 
     .venv/bin/python scripts/demo.py [--config configs/quickstart.yaml] [--port 8011]
 """
@@ -14,7 +15,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections import defaultdict
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from badit_serve.server_process import free_port, start_server
@@ -23,8 +26,48 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-GOLD = "POS"
-"""The reference answer of the demo's sst2 question."""
+TASK = "task363_sst2_polarity_classification"
+"""The task of the demo's question and of its held-out check."""
+REVIEW, GOLD = "A gorgeous, witty, seductive movie.", "POS"
+"""The demo's question (a review in neither the task's train nor its test file) and its reference answer."""
+MODEL = "badit-quickstart"
+"""The served model name."""
+HELD_OUT = 100
+"""Test sentences of TASK asked after the question (the first N of test.json: fixed, never chosen by result)."""
+
+
+@dataclass(frozen=True)
+class HeldOutScore:
+    """The served adapter's answers to held-out test instances against their references."""
+
+    right: int
+    total: int
+    answers: Counter[str]
+    """How often each answer was given."""
+    majority: int
+    """Right answers of the best constant answer (the most common reference): what no skill gets."""
+
+    def line(self, what: str) -> str:
+        given = ", ".join(f"{answer!r} {n}" for answer, n in self.answers.most_common(4))
+        verdict = (
+            "one answer to every sentence: no skill shown"
+            if len(self.answers) == 1
+            else f"a constant answer gets at most {self.majority}"
+        )
+        return f"held-out:  {self.right} of {self.total} {what} right (answers: {given}; {verdict})"
+
+
+def score_held_out(answers: list[str], references: list[str]) -> HeldOutScore:
+    """Exact (stripped) matches of `answers` against the aligned `references`."""
+    if len(answers) != len(references) or not answers:
+        raise ValueError(f"{len(answers)} answers for {len(references)} references")
+    stripped = [a.strip() for a in answers]
+    return HeldOutScore(
+        right=sum(a == r for a, r in zip(stripped, references, strict=True)),
+        total=len(answers),
+        answers=Counter(stripped),
+        majority=Counter(references).most_common(1)[0][1],
+    )
 
 
 def banner(text: str) -> None:
@@ -55,6 +98,30 @@ def expert_table(metrics_text: str) -> str:
     return "\n".join(rows)
 
 
+def demo_task(config: str):
+    """TASK with its first HELD_OUT test instances, read from the config's SuperNI directory."""
+    from training.config import load_config
+    from training.data.superni import load_task, require_superni_dir
+
+    data = load_config(ROOT / config).data
+    return load_task(require_superni_dir(data.superni_dir), TASK, max_train=0, max_test=HELD_OUT)
+
+
+def ask(client, content: str):
+    """One greedy chat turn to the served adapter."""
+    return client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=32, temperature=0
+    )
+
+
+def ask_held_out(client, definition: str, instances) -> HeldOutScore:
+    """Every instance as training formats it (definition + input), 8 requests in flight, scored."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        replies = list(pool.map(lambda inst: ask(client, definition + "\n\n" + inst.input), instances))
+    answers = [reply.choices[0].message.content or "" for reply in replies]
+    return score_held_out(answers, [inst.references[0] for inst in instances])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/quickstart.yaml")
@@ -81,7 +148,7 @@ def main() -> None:
             "--port",
             str(port),
             "--served-model-name",
-            "badit-quickstart",
+            MODEL,
         ],
         port=port,
         log=log_path,
@@ -93,30 +160,19 @@ def main() -> None:
         from openai import OpenAI
 
         client = OpenAI(base_url=f"{base}/v1", api_key="unused")
-        question = (
-            'In this task, you are given sentences from movie reviews. The task is to classify a sentence as "POS" '
-            'if the sentiment of the sentence is positive or as "NEG" if the sentiment of the sentence is negative'
-            "\n\nA gorgeous, witty, seductive movie."
-        )
-        reply = client.chat.completions.create(
-            model="badit-quickstart",
-            messages=[{"role": "user", "content": question}],
-            max_tokens=32,
-            temperature=0,
-        )
-        answer = reply.choices[0].message.content
-        right = (answer or "").strip() == GOLD
+        task = demo_task(args.config)
+        question = task.definition + "\n\n" + REVIEW
+        reply = ask(client, question)
+        answer = reply.choices[0].message.content or ""
+        right = answer.strip() == GOLD
         print(
             f"user:      {question}\nassistant: {answer!r}   (gold: {GOLD!r}, {'right' if right else 'WRONG'})"
         )
-        if not right:
-            print(
-                "           the quickstart is a few minutes of CPU training and can still be wrong"
-                f" (its test scores: {args.run_dir}/report.md)"
-            )
         print(
             f"usage:     {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens"
         )
+        held_out = ask_held_out(client, task.definition, task.test)
+        print(held_out.line(f"{TASK} test sentences (the first {len(task.test)} of its test.json)"))
 
         banner("5/5 Per-expert activation (from /metrics)")
         time.sleep(2)  # the metrics collector flushes periodically

@@ -79,6 +79,19 @@ def test_load_task_parses_and_truncates_first_n(tmp_path: Path) -> None:
     assert [(t.name, len(t.train)) for t in load_tasks(cfg)] == [("taskB", 1), ("taskA", 2)]
 
 
+def test_max_train_by_task_overrides_the_per_task_count_and_names_unknown_tasks(tmp_path: Path) -> None:
+    write_task(tmp_path, "taskA", [inst(f"a-{i}") for i in range(5)], [inst("ea")])
+    write_task(tmp_path, "taskB", [inst(f"b-{i}") for i in range(5)], [inst("eb")])
+    cfg = DataConfig(
+        superni_dir=tmp_path, tasks=["taskA", "taskB"], max_train_per_task=2, max_train_by_task={"taskB": 4}
+    )
+    assert [(t.name, len(t.train)) for t in load_tasks(cfg)] == [("taskA", 2), ("taskB", 4)]
+    with pytest.raises(DataError, match="max_train_by_task names taskC, not among the tasks"):
+        load_tasks(cfg.model_copy(update={"max_train_by_task": {"taskC": 4}}))
+    with pytest.raises(ValueError, match="greater than 0"):
+        DataConfig(superni_dir=tmp_path, max_train_by_task={"taskA": 0})
+
+
 def test_missing_dir_and_missing_task_list_available(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="nowhere"):
         list_tasks(tmp_path / "nowhere")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, PositiveInt, ValidationError
 
 from badit_serve.format import STRICT
 from training.adapters.config import AdapterConfig
@@ -46,6 +46,9 @@ class DataConfig(BaseModel):
     """Task names to use (None: every task folder in superni_dir, sorted)."""
     max_train_per_task: int | None = Field(None, ge=1)
     """Keep at most this many training instances per task (first N, deterministic)."""
+    max_train_by_task: dict[str, PositiveInt] | None = None
+    """Per-task overrides of max_train_per_task, e.g. more examples of a task whose one-token answers
+    carry little of the per-token loss; every key must be one of `tasks` (None: no overrides)."""
     max_test_per_task: int | None = Field(None, ge=1)
     """Keep at most this many test instances per task (first N, deterministic)."""
     prompt_format: Literal["chat", "raw"] = "chat"

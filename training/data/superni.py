@@ -130,7 +130,11 @@ def load_tasks(cfg: DataConfig) -> list[Task]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise DataError(f"data.tasks lists {', '.join(duplicates)} more than once")
-    return [load_task(root, n, cfg.max_train_per_task, cfg.max_test_per_task) for n in names]
+    by_task = cfg.max_train_by_task or {}
+    unknown = sorted(set(by_task) - set(names))
+    if unknown:
+        raise DataError(f"data.max_train_by_task names {', '.join(unknown)}, not among the tasks {names}")
+    return [load_task(root, n, by_task.get(n, cfg.max_train_per_task), cfg.max_test_per_task) for n in names]
 
 
 # ---------------------------------------------------------------------------------------------- parsing
