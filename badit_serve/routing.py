@@ -46,11 +46,12 @@ def router_logits(x: torch.Tensor, router: torch.Tensor | None) -> torch.Tensor:
 
 
 def routing_weights(
-    logits: torch.Tensor, top_k: int, mode: RouterMode, gate_scale: float
+    logits: torch.Tensor, top_k: int, mode: RouterMode, gate_scale: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense routing weights and the selection mask.
 
-    logits: (T, K) router logits (ignored values for mode 'none', which needs K == 1).
+    logits: (T, K) router logits (ignored values for mode 'none', which needs K == 1); gate_scale: a number
+    or a 0-dim tensor (what a compiled region takes: no float argument to specialise on).
     Returns weights (T, K) — zero outside the selected experts — and selected (T, K) bool.
     """
     if mode == "none":
@@ -366,15 +367,10 @@ def _project(
 
 
 def served_routing(
-    x: torch.Tensor,
-    experts: ServedExperts,
-    spec: RoutingSpec,
-    slots: SlotIndex | None = None,
-    hidden: torch.Tensor | None = None,
+    x: torch.Tensor, experts: ServedExperts, spec: RoutingSpec, slots: SlotIndex | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The router in float32, A in the model dtype. x: (T, d_in) any dtype; slots: each token's adapter slot
-    (None with a single adapter); tokens that are not `slots.valid` get zero weights, no selection, no delta;
-    hidden: A' x (T, K*R) when the caller has it already (BaditMLP, where A' rides in the base projection).
+    (None with a single adapter); tokens that are not `slots.valid` get zero weights, no selection, no delta.
 
     Returns weights (T, K) and selected (T, K) as `routing_weights` gives them, and the weighted expert
     activations (T, K*R) in the dtype of `experts.lora_b`, ready for `served_delta`.
@@ -384,15 +380,18 @@ def served_routing(
         logits = _project(x.float(), experts.router, experts.router_gemm, experts.num_slots, slots)  # (T, K)
     else:
         logits = x.new_zeros(num_tokens, 1, dtype=torch.float32)  # (T, 1)
-    if hidden is None:
-        hidden = _project(
-            x.to(experts.lora_a.dtype), experts.lora_a, experts.a_gemm, experts.num_slots, slots
-        )
+    hidden = _project(x.to(experts.lora_a.dtype), experts.lora_a, experts.a_gemm, experts.num_slots, slots)
     weights, selected = routing_weights(logits, spec.top_k, spec.mode, spec.gate_scale)  # (T, K), (T, K)
     if slots is not None:
         keep = slots.valid.unsqueeze(-1)  # (T, 1)
         weights, selected = weights * keep, selected & keep  # (T, K), (T, K)
     return weights, selected, weigh_experts(hidden, weights, experts.lora_b.dtype)
+
+
+def served_router_logits(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+    """`router_logits` in float32 for a served router buffer: x (T, d_in) any dtype, router (K, d_in)
+    float32 with no rows in mode 'none' -> (T, K), or (T, 1) zeros."""
+    return router_logits(x.float(), router if router.shape[0] else None)  # (T, K)
 
 
 def weigh_experts(hidden: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

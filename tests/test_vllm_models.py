@@ -91,8 +91,8 @@ def _serve(mlp: nn.Module, dtype: torch.dtype) -> None:
 def test_badit_mlp_matches_reference_routed_linear(
     router: str, top_k: int, num_experts: int, fusable: bool
 ) -> None:
-    """The routed MLP (its experts in the opaque op) equals the reference routed gate, with A' run on its own
-    or appended to the base projection's weight (an unquantized gate_up_proj), and counts."""
+    """The routed MLP equals the reference routed gate, with A' run on its own or appended to the base
+    projection's weight (an unquantized gate_up_proj)."""
     from badit_serve.vllm_models.mlp import BaditMLP
 
     block = _block(router, top_k, num_experts)
@@ -171,89 +171,99 @@ def record_routing(
     sums.add_(more_sums)
 
 
-def _served_stack(fusable: bool, layers: int = 2) -> tuple[nn.ModuleList, torch.Tensor]:
-    """`layers` routed MLPs (topk, top-2) sharing one real-row count, served in float32."""
-    from badit_serve.vllm_models.mlp import BaditMLP
+class _Counting(nn.Module):
+    """A compiled graph that counts like a routed layer: a shared real-row count read as a buffer."""
+
+    def __init__(self, num_real: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("num_real", num_real, persistent=False)
+        self.register_buffer("tokens", torch.zeros(2, dtype=torch.int64), persistent=False)
+        self.register_buffer("sums", torch.zeros(2, dtype=torch.float64), persistent=False)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        selected = logits > 0  # (T, 2)
+        record_routing(selected, logits.relu(), self.num_real, self.tokens, self.sums)
+        return logits * 2
+
+
+def test_routing_stats_count_inside_a_compiled_graph_and_follow_the_live_row_count() -> None:
+    """Counting is part of the compiled graph (no graph break, not eliminated as dead code), and the graph
+    reads the row count the outer forward wrote before each call, not the value it was traced with."""
     from badit_serve.vllm_models.routing_stats import new_real_row_count
 
-    block, num_real = _block(), new_real_row_count()
-    torch.manual_seed(1)
-    stack = nn.ModuleList()
-    for index in range(layers):
-        gate, up = nn.Linear(D_IN, INTER, bias=False), nn.Linear(D_IN, INTER, bias=False)
-        down = _FakeRow(nn.Linear(INTER, D_IN, bias=False))
-        mlp = BaditMLP(block, _FakeMerged(gate, up, fusable), down, _silu_and_mul, 0, num_real)
-        for name, tensor in _experts(block, seed=index).items():
-            getattr(mlp.badit_gate, name).data.copy_(tensor)
-        _serve(mlp, torch.float32)
-        stack.append(mlp)
-    return stack, num_real
-
-
-class _Stack(nn.Module):
-    def __init__(self, mlps: nn.ModuleList) -> None:
-        super().__init__()
-        self.mlps = mlps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for mlp in self.mlps:
-            x = x + mlp(x)  # (T, d)
-        return x
-
-
-@pytest.mark.parametrize("fusable", [False, True], ids=["A-apart", "A-in-gate_up"])
-def test_compiled_routed_layers_are_one_op_call_each_and_count_the_live_rows(fusable: bool) -> None:
-    """Under torch.compile (one graph, dynamic shapes) each routed layer is one call of the opaque op; the
-    compiled stack equals the eager one; the counts follow the real-row count written before each call and
-    `record_stats`, both read at run time (no recompilation)."""
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs: list[torch.fx.GraphModule] = []
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        graphs.append(gm)
-        return aot_autograd(fw_compiler=lambda g, _: g)(gm, example_inputs)
-
-    mlps, num_real = _served_stack(fusable)
-    stack = _Stack(mlps)
-    compiled = torch.compile(stack, fullgraph=True, dynamic=True, backend=backend)
-    x = torch.randn(6, D_IN)
-    with torch.no_grad():
-        eager = stack(x)
-        torch.testing.assert_close(compiled(x), eager)
-    assert len(graphs) == 1
-    op = torch.ops.badit.routed_gate_up
-    calls = [n for n in graphs[0].graph.nodes if n.target in (op, op.default)]
-    assert [n.args[2] for n in calls] == [m.layer_name for m in mlps]
-    assert [int(m.expert_tokens.sum()) for m in mlps] == [2 * 6 * 2] * 2  # 6 rows x top-2, twice
+    num_real = new_real_row_count()
+    layer = _Counting(num_real)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    logits = torch.tensor([[1.0, -1.0], [1.0, 1.0], [-1.0, 1.0], [1.0, 1.0], [1.0, -1.0]])  # (T=5, 2)
+    compiled(logits)  # every row
+    assert layer.tokens.tolist() == [4, 3]
     num_real.fill_(2)  # rows 2.. are padding
-    with torch.no_grad():
-        compiled(torch.randn(5, D_IN))
-    assert [int(m.expert_tokens.sum()) for m in mlps] == [24 + 2 * 2] * 2
-    for mlp in mlps:
-        mlp.record_stats = False
-    with torch.no_grad():
-        compiled(torch.randn(4, D_IN))
-    assert [int(m.expert_tokens.sum()) for m in mlps] == [28] * 2
-    assert len(graphs) == 1
+    compiled(logits)
+    assert layer.tokens.tolist() == [6, 4] and layer.sums.tolist() == [6.0, 4.0]
+    num_real.fill_(0)
+    compiled(logits[:3])  # another length, no real row
+    assert layer.tokens.tolist() == [6, 4]
 
 
-def test_routed_layer_names_are_unique_among_live_layers() -> None:
-    """The op finds a layer by name: a second live layer under a taken name is refused, a freed layer's
-    name is free again, and an unknown name says which."""
-    import gc
+class _Routed(nn.Module):
+    """Layers that call `route_and_count` as BaditMLP does: A' x a column slice of a wider projection."""
 
-    from badit_serve.vllm_models.routed_op import register_routed_layer, routed_layer
+    def __init__(self, experts: list, num_real: torch.Tensor, spec) -> None:
+        super().__init__()
+        self.experts, self.spec = experts, spec
+        self.register_buffer("num_real", num_real, persistent=False)
+        self.register_buffer("gate_scale", torch.tensor(spec.gate_scale), persistent=False)
 
-    mlps, _ = _served_stack(fusable=True)
-    with pytest.raises(ValueError, match="duplicate routed layer name"):
-        register_routed_layer(mlps[0].layer_name, mlps[1])
-    register_routed_layer(mlps[0].layer_name, mlps[0])  # the same layer again: fine
-    name = mlps[1].layer_name
-    del mlps
-    gc.collect()
-    with pytest.raises(KeyError, match=f"no live routed layer named '{name}'"):
-        routed_layer(name)
+    def forward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        from badit_serve.vllm_models.mlp import route_and_count
+
+        outs = []
+        for served in self.experts:
+            wide = x @ torch.cat([served.lora_a, served.lora_a]).t()  # (T, 2 * K*R)
+            hidden = wide[:, served.lora_a.shape[0] :]  # (T, K*R), strided
+            spec = self.spec
+            outs.append(
+                route_and_count(
+                    x, hidden, served.router, self.num_real, spec.top_k, spec.mode, self.gate_scale
+                )
+            )
+        return outs
+
+
+@pytest.mark.parametrize(("mode", "top_k", "num_experts"), [("topk", 2, K), ("dense", K, K), ("none", 1, 1)])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_route_and_count_equals_the_served_routing_and_counts_real_rows(
+    compiled: bool, mode: str, top_k: int, num_experts: int
+) -> None:
+    """The routing region of BaditMLP (reused by every layer under torch.compile) gives served_routing's
+    weighted activations and the real rows' statistics, for every layer, at two batch lengths."""
+    from badit_serve.routing import RoutingSpec, ServedExperts, served_routing
+    from badit_serve.vllm_models.routing_stats import new_real_row_count
+
+    gen = torch.Generator().manual_seed(5)
+    spec = RoutingSpec(num_experts=num_experts, top_k=top_k, mode=mode, gate_scale=2.0)  # type: ignore[arg-type]
+    experts = [
+        ServedExperts.build(
+            None if mode == "none" else torch.randn(num_experts, D_IN, generator=gen),
+            torch.randn(num_experts * R, D_IN, generator=gen),
+            torch.randn(INTER, num_experts * R, generator=gen),
+            0.5,
+            num_experts,
+            torch.float32,
+        )
+        for _ in range(3)
+    ]
+    num_real = new_real_row_count()
+    layers = _Routed(experts, num_real, spec)
+    run = torch.compile(layers, fullgraph=True, dynamic=True, backend="aot_eager") if compiled else layers
+    for tokens, real in ((7, 7), (5, 3)):
+        x = torch.randn(tokens, D_IN, generator=gen)
+        num_real.fill_(real)
+        for served, (weighted, counts, sums) in zip(experts, run(x), strict=True):
+            weights, selected, expected = served_routing(x, served, spec)
+            torch.testing.assert_close(weighted, expected)
+            assert counts.tolist() == selected[:real].sum(0).tolist()
+            torch.testing.assert_close(sums, weights[:real].sum(0).double())
 
 
 def test_collector_counts_only_after_start_and_reports_differences() -> None:

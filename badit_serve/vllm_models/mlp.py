@@ -1,24 +1,23 @@
 """The routed MLP shared by every Badit vLLM model class, and the glue to install and load it.
 
 `BaditMLP` keeps vLLM's fused `gate_up_proj` (MergedColumnParallelLinear, the frozen residual gate and the
-up projection) and adds the routed expert delta to the gate half before the activation, in one opaque
-custom op per layer (`routed_op`), so torch.compile traces the base model's MLP plus one call:
+up projection) and adds the routed expert delta to the gate half before the activation:
 
-    projected = gate_up_proj(x)                                       # (T, 2 * I_local + K*R): [gate | up | A' x]
-    gate_up = torch.ops.badit.routed_gate_up(x, projected, name)      # (T, 2 * I_local): [gate + delta | up]
-    out = down_proj(act_fn(gate_up))                                  # (T, d_model)
+    projected = gate_up_proj(x)                      # (T, 2 * I_local + K*R): [gate | up | A' x]
+    weighted, tokens, sums = route_and_count(x, A' x, router, ...)   # (T, K*R), (K,), (K,)
+    delta = weighted @ experts.lora_b.T              # (T, I_local)
+    gate_up = cat([gate + delta, up])                # fused into act_fn by inductor
+
+with `badit_serve.routing`'s serving form of the shared math (`ServedExperts`): the router in float32
+(top-k on float32 logits like the reference), A' and s * B' in the model dtype, the experts refactorised
+into balanced factors once after loading, so bfloat16 serving never subtracts two large BAD terms.
 
 A' rides along in the base projection: after the checkpoint is loaded (`BaditMLP.prepare_served`, before
 vLLM post-processes the linear layers) its K*R rows are appended to gate_up_proj's weight, so vLLM's own
-GEMM (prepacked oneDNN on CPU, cuBLAS on GPU) computes them in the same call as the gate and up halves.
-That needs an unquantized gate_up_proj in the serving dtype; otherwise A' runs on its own inside the op
-(`ServedExperts.a_gemm`).
-
-Inside the op (`BaditMLP.routed_gate_up`), `badit_serve.routing`'s serving form of the shared math
-(`ServedExperts`, `served_routing`): the router in float32 (top-k on float32 logits like the reference),
-A' and s * B' in the model dtype, the experts refactorised into balanced factors once after loading, so
-bfloat16 serving never subtracts two large BAD terms; s * B' through vLLM's prepacked oneDNN GEMM on CPU
-(`cpu_gemm`); the routing statistics of the real rows (`routing_stats`).
+GEMM (prepacked oneDNN on CPU, cuBLAS on GPU) computes them in the same call as the gate and up halves:
+one GEMM call fewer per layer. That needs an unquantized gate_up_proj in the serving dtype; otherwise A'
+runs on its own (`ServedExperts.a_gemm`). s * B' runs through vLLM's prepacked oneDNN GEMM on CPU
+(`cpu_gemm`). The routing statistics are counted in the same graph (`routing_stats`).
 
 Tensor parallelism: `lora_a` and `router` are replicated (so the appended A' rows are the same on every
 rank); `lora_b` is sharded along d_out exactly like the gate half (rows [rank * I_local, ...)); the
@@ -36,15 +35,12 @@ from badit_serve.format import EXPERT_MARK, BaditBlock, expert_prefix
 from badit_serve.routing import (
     RoutingSpec,
     ServedExperts,
-    add_served_delta,
-    served_routing,
+    routing_weights,
+    served_delta,
+    served_router_logits,
+    weigh_experts,
 )
 from badit_serve.vllm_models.cpu_gemm import prepacked_gemm_factory
-from badit_serve.vllm_models.routed_op import (
-    next_model_namespace,
-    register_routed_layer,
-    unnamed_layer_name,
-)
 from badit_serve.vllm_models.routing_stats import new_real_row_count, routing_increments
 
 SUPPORTED_TARGETS = ["gate_proj"]
@@ -122,7 +118,6 @@ class BaditMLP(nn.Module):
         act_fn: Callable[[torch.Tensor], torch.Tensor],
         tp_rank: int,
         num_real: torch.Tensor | None = None,
-        layer_name: str | None = None,
     ) -> None:
         super().__init__()
         self.block = block
@@ -140,6 +135,10 @@ class BaditMLP(nn.Module):
         self.register_buffer(
             "num_real", new_real_row_count() if num_real is None else num_real, persistent=False
         )
+        # A tensor, not a float argument, for the compiled routing region (`route_and_count`).
+        self.register_buffer(
+            "gate_scale", torch.tensor(block.gate_scale, dtype=torch.float32), persistent=False
+        )
         self.register_buffer(
             "expert_tokens", torch.zeros(block.num_experts, dtype=torch.int64), persistent=False
         )
@@ -147,10 +146,6 @@ class BaditMLP(nn.Module):
             "router_weight_sums", torch.zeros(block.num_experts, dtype=torch.float64), persistent=False
         )
         self.record_stats = True
-        """Read by the op at every call: switching it needs no recompilation."""
-        self.layer_name = layer_name or unnamed_layer_name()
-        """This layer's name for `torch.ops.badit.routed_gate_up` (unique among live layers)."""
-        register_routed_layer(self.layer_name, self)
 
     def prepare_served(self, dtype: torch.dtype) -> None:
         """Build the serving form of the experts and append A' to gate_up_proj's weight where it can ride
@@ -176,30 +171,57 @@ class BaditMLP(nn.Module):
         self.served.use_gemm(prepacked_gemm_factory(self.served.lora_a.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        projected, _ = self.gate_up_proj(x)  # (T, 2 * I_local [+ K*R])
-        flat = x.reshape(-1, x.shape[-1])  # (T, d_in)
-        projected = projected.reshape(flat.shape[0], -1)  # (T, 2 * I_local [+ K*R])
-        gate_up = torch.ops.badit.routed_gate_up(flat, projected, self.layer_name)  # (T, 2 * I_local)
-        out, _ = self.down_proj(self.act_fn(gate_up.view(*x.shape[:-1], -1)))  # (T, d_model)
-        return out
-
-    def routed_gate_up(self, x: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
-        """The body of `torch.ops.badit.routed_gate_up` for this layer: x (T, d_in), projected (T, 2 * I_local
-        [+ K*R]) the base projection's [gate | up [| A' x]] -> a new [gate + delta | up] (T, 2 * I_local);
-        counts the real rows' routing when `record_stats`."""
         served = self.served
         if served is None:
             raise RuntimeError("BaditMLP used before its experts were built (prepare_served)")
-        width = 2 * self.intermediate_local
-        hidden = projected[:, width:] if self.fused_rows else None  # (T, K*R) = A' x, or computed below
-        weights, selected, weighted = served_routing(x, served, self.spec, hidden=hidden)  # (T,K) x2, (T,K*R)
+        projected, _ = self.gate_up_proj(x)  # (T, 2 * I_local [+ K*R])
+        flat = x.reshape(-1, x.shape[-1])  # (T, d_in)
+        if self.fused_rows:
+            projected, hidden = projected.split([2 * self.intermediate_local, self.fused_rows], dim=-1)
+            hidden = hidden.reshape(flat.shape[0], self.fused_rows)  # (T, K*R) = A' x
+        else:
+            hidden = served.a_gemm(flat.to(served.lora_a.dtype))  # (T, K*R)
+        spec = self.spec
+        weighted, tokens, sums = route_and_count(
+            flat, hidden, served.router, self.num_real, spec.top_k, spec.mode, self.gate_scale
+        )  # (T, K*R), (K,), (K,)
         if self.record_stats:
-            tokens, sums = routing_increments(selected, weights, self.num_real)  # (K,), (K,)
             self.expert_tokens.add_(tokens)  # (K,)
             self.router_weight_sums.add_(sums)  # (K,)
-        gate_up = projected[:, :width].clone()  # (T, 2 * I_local)
-        add_served_delta(gate_up[:, : self.intermediate_local], weighted, served)  # gate half += delta
-        return gate_up
+        delta = served_delta(weighted, served)  # (T, I_local)
+        gate, up = projected.split(self.intermediate_local, dim=-1)  # (..., I_local) x2
+        # Out of place, so torch.compile fuses the add and the concatenation into the activation's kernel.
+        gate_up = torch.cat([gate + delta.view_as(gate), up], dim=-1)  # (..., 2 * I_local)
+        out, _ = self.down_proj(self.act_fn(gate_up))  # (T, d_model)
+        return out
+
+
+@torch.compiler.nested_compile_region
+def route_and_count(
+    x: torch.Tensor,
+    hidden: torch.Tensor,
+    router: torch.Tensor,
+    num_real: torch.Tensor,
+    top_k: int,
+    mode: str,
+    gate_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One routed layer's routing (`badit_serve.routing`: float32 router logits, weights, the weighted
+    expert activations) and its routing statistics over the real rows (`routing_stats`).
+
+    x: (T, d_in); hidden: (T, K*R) = A' x in the model dtype; router: (K, d_in) float32, no rows in mode
+    'none'; num_real: 0-dim int64; gate_scale: 0-dim float32. Returns weighted (T, K*R) in hidden's dtype, the selected-token count
+    (K,) int64 and the routing-weight sum (K,) float64 of the real rows.
+
+    A nested compile region: every layer calls it with the same shapes, so torch.compile traces and
+    compiles it once and reuses it for all layers (inductor's work for the routed path then does not grow
+    with the number of layers, which is most of what the routed path added to a first start); without
+    torch.compile it is a plain call.
+    """
+    logits = served_router_logits(x, router)  # (T, K) float32
+    weights, selected = routing_weights(logits, top_k, mode, gate_scale)  # type: ignore[arg-type]  # (T, K) x2
+    tokens, sums = routing_increments(selected, weights, num_real)  # (K,), (K,)
+    return weigh_experts(hidden, weights, hidden.dtype), tokens, sums  # (T, K*R), (K,), (K,)
 
 
 def _can_fuse(layer: nn.Module, weight: torch.Tensor | None, lora_a: torch.Tensor) -> bool:
@@ -226,7 +248,6 @@ def install_badit_mlps(model: nn.Module, block: BaditBlock, num_real: torch.Tens
     from vllm.distributed import get_tensor_model_parallel_rank
 
     tp_rank = get_tensor_model_parallel_rank()
-    namespace = next_model_namespace()
     adapted = set(block.adapted_modules)
     installed: dict[str, BaditMLP] = {}
     for name, module in list(model.named_modules()):
@@ -239,9 +260,7 @@ def install_badit_mlps(model: nn.Module, block: BaditBlock, num_real: torch.Tens
                 raise ValueError(
                     f"{name}.mlp ({type(mlp).__name__}) has no {attr}: not a gated MLP Badit can serve"
                 )
-        routed = BaditMLP(
-            block, mlp.gate_up_proj, mlp.down_proj, mlp.act_fn, tp_rank, num_real, f"{namespace}.{name}.mlp"
-        )
+        routed = BaditMLP(block, mlp.gate_up_proj, mlp.down_proj, mlp.act_fn, tp_rank, num_real)
         module.mlp = routed
         installed[gate_name] = routed
     return installed
