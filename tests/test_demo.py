@@ -3,26 +3,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "demo.py"
-
-
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("badit_demo", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+from tests.script_modules import load_script
 
 
 def test_held_out_score_counts_exact_answers_and_the_constant_baseline() -> None:
-    demo = _load_script()
+    demo = load_script("demo.py", "badit_demo")
     score = demo.score_held_out([" POS", "NEG", "POS\n", "NEG", "POS."], ["POS", "POS", "POS", "NEG", "NEG"])
     assert (score.right, score.total, score.majority) == (3, 5, 3)
     assert score.answers == {"POS": 2, "NEG": 2, "POS.": 1}
@@ -31,7 +18,7 @@ def test_held_out_score_counts_exact_answers_and_the_constant_baseline() -> None
 
 
 def test_held_out_score_calls_one_answer_to_everything_no_skill() -> None:
-    demo = _load_script()
+    demo = load_script("demo.py", "badit_demo")
     score = demo.score_held_out(["POS"] * 4, ["POS", "POS", "POS", "NEG"])
     assert score.right == 3 and "one answer to every sentence: no skill shown" in score.line("x")
     with pytest.raises(ValueError, match="2 answers for 3 references"):

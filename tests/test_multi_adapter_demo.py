@@ -10,33 +10,21 @@ What it adds to tests/test_multi_adapter_serve.py: the chat route (the chat temp
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from badit_serve.server_process import group_members
 from tests.badit_exports import make_adapter
+from tests.script_modules import load_script
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "multi_adapter_demo.py"
-
-
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("multi_adapter_demo", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_demo_serving_path_on_tiny_adapters(
     tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    demo = _load_script()
+    demo = load_script("multi_adapter_demo.py", "multi_adapter_demo")
     base = tiny_model_dirs["llama"]
     jobs = [
         demo.AdapterJob(
