@@ -115,9 +115,11 @@ def ask(client, content: str):
 
 
 def ask_held_out(client, definition: str, instances) -> HeldOutScore:
-    """Every instance as training formats it (definition + input), 8 requests in flight, scored."""
+    """Every instance as training formats it (`chat_user_turn`), 8 requests in flight, scored."""
+    from training.data.prompts import chat_user_turn
+
     with ThreadPoolExecutor(max_workers=8) as pool:
-        replies = list(pool.map(lambda inst: ask(client, definition + "\n\n" + inst.input), instances))
+        replies = list(pool.map(lambda inst: ask(client, chat_user_turn(definition, inst.input)), instances))
     answers = [reply.choices[0].message.content or "" for reply in replies]
     return score_held_out(answers, [inst.references[0] for inst in instances])
 
@@ -160,8 +162,10 @@ def main() -> None:
         from openai import OpenAI
 
         client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+        from training.data.prompts import chat_user_turn
+
         task = demo_task(args.config)
-        question = task.definition + "\n\n" + REVIEW
+        question = chat_user_turn(task.definition, REVIEW)
         reply = ask(client, question)
         answer = reply.choices[0].message.content or ""
         right = answer.strip() == GOLD

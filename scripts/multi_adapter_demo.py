@@ -114,8 +114,9 @@ def train_and_export(job: AdapterJob, retrain: bool, timeout: float) -> None:
 
 
 def demo_prompts(jobs: list[AdapterJob]) -> list[Prompt]:
-    """The first test instance of each adapter's first task, as training formats it (definition + input)."""
+    """The first test instance of each adapter's first task, as training formats it (`chat_user_turn`)."""
     from training.config import load_config
+    from training.data.prompts import chat_user_turn
     from training.data.superni import load_task, require_superni_dir
 
     prompts = []
@@ -123,7 +124,9 @@ def demo_prompts(jobs: list[AdapterJob]) -> list[Prompt]:
         data = load_config(ROOT / job.config).data
         task = load_task(require_superni_dir(data.superni_dir), data.tasks[0], max_train=0, max_test=1)
         instance = task.test[0]
-        prompts.append(Prompt(task.name, task.definition + "\n\n" + instance.input, instance.references[0]))
+        prompts.append(
+            Prompt(task.name, chat_user_turn(task.definition, instance.input), instance.references[0])
+        )
     return prompts
 
 

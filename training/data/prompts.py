@@ -54,10 +54,15 @@ class TrainExample:
     """Input tokens cut from the end of the instance input to fit max_length (0: none)."""
 
 
+def chat_user_turn(definition: str, input: str) -> str:
+    """The one user turn of the chat format (what a client of the served model sends for an instance)."""
+    return definition + "\n\n" + input
+
+
 def build_prompt(tokenizer: PreTrainedTokenizerBase, definition: str, input: str, fmt: PromptFormat) -> str:
     """The prompt text of one instance in format `fmt`."""
     if fmt == "chat":
-        messages = [{"role": "user", "content": definition + "\n\n" + input}]
+        messages = [{"role": "user", "content": chat_user_turn(definition, input)}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if fmt == "raw":
         return f"Definition: {definition}\n\nNow complete the following example -\nInput: {input}\nOutput: "
