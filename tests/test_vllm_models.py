@@ -120,6 +120,73 @@ def test_badit_mlp_matches_reference_routed_linear(
     assert float(mlp.router_weight_sums.sum()) == pytest.approx(7 * block.gate_scale, rel=1e-6)
 
 
+def _routed_mlp(seed: int, fusable: bool = True) -> nn.Module:
+    """A served float32 BaditMLP (top-k router) with its own random base and experts."""
+    from badit_serve.vllm_models.mlp import BaditMLP
+
+    block = _block()
+    torch.manual_seed(seed)
+    gate, up, down = (
+        nn.Linear(D_IN, INTER, bias=False),
+        nn.Linear(D_IN, INTER, bias=False),
+        nn.Linear(INTER, D_IN, bias=False),
+    )
+    mlp = BaditMLP(block, _FakeMerged(gate, up, fusable), _FakeRow(down), _silu_and_mul, tp_rank=0)
+    for name, tensor in _experts(block, seed).items():
+        getattr(mlp.badit_gate, name).data.copy_(tensor)
+    _serve(mlp, torch.float32)
+    return mlp
+
+
+class _Stack(nn.Module):
+    def __init__(self, mlps: list[nn.Module]) -> None:
+        super().__init__()
+        self.mlps = nn.ModuleList(mlps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for mlp in self.mlps:
+            x = x + mlp(x)  # (T, D_IN)
+        return x
+
+
+@pytest.mark.parametrize("fusable", [False, True], ids=["A-apart", "A-in-gate_up"])
+def test_every_layer_calls_one_traced_mlp_region(fusable: bool) -> None:
+    """Under torch.compile (the batch dimension dynamic, as vLLM marks it) the routed MLPs of all layers are
+    calls of one traced region (so the compile does not grow with the number of layers), and the compiled
+    stack gives the eager outputs and counts."""
+    stack = _Stack([_routed_mlp(seed, fusable) for seed in range(3)])
+    graphs: list[torch.fx.GraphModule] = []
+
+    def capture(gm: torch.fx.GraphModule, _inputs: list[torch.Tensor]):  # noqa: ANN202
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(stack, backend=capture, fullgraph=True)
+    x = torch.randn(5, D_IN)  # (T, D_IN)
+    torch._dynamo.mark_dynamic(x, 0)
+    with torch.no_grad():
+        expected = stack(x)  # (T, D_IN)
+        eager_counts = [mlp.expert_tokens.clone() for mlp in stack.mlps]
+        for mlp in stack.mlps:
+            mlp.expert_tokens.zero_()
+        got = compiled(x)  # (T, D_IN)
+    (graph,) = graphs
+    calls = [n for n in graph.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(calls) == 3
+    assert len({call.args[0].target for call in calls}) == 1  # one subgraph, called by every layer
+    region = getattr(graph, calls[0].args[0].target)
+    outside = [
+        n.target
+        for n in graph.graph.nodes
+        if n.op == "call_function" and n.target is not torch.ops.higher_order.invoke_subgraph
+    ]
+    inside = [n.target for n in region.graph.nodes if n.op == "call_function"]
+    linear = torch._C._nn.linear
+    assert inside.count(linear) == 2 and linear not in outside  # the base projections are in the region
+    torch.testing.assert_close(got, expected)
+    assert [mlp.expert_tokens.tolist() for mlp in stack.mlps] == [c.tolist() for c in eager_counts]
+
+
 def test_lora_b_weight_loader_takes_this_ranks_rows() -> None:
     from badit_serve.vllm_models.mlp import BaditGate
 
@@ -235,8 +302,7 @@ class _Routed(nn.Module):
 def test_route_and_count_equals_the_served_routing_and_counts_real_rows(
     compiled: bool, mode: str, top_k: int, num_experts: int
 ) -> None:
-    """The routing region of BaditMLP (reused by every layer under torch.compile) gives served_routing's
-    weighted activations and the real rows' statistics, for every layer, at two batch lengths."""
+    """The routing of BaditMLP's region gives served_routing's weighted activations and the real rows' statistics, for every layer, at two batch lengths."""
     from badit_serve.routing import RoutingSpec, ServedExperts, served_routing
     from badit_serve.vllm_models.routing_stats import new_real_row_count
 

@@ -135,7 +135,7 @@ class BaditMLP(nn.Module):
         self.register_buffer(
             "num_real", new_real_row_count() if num_real is None else num_real, persistent=False
         )
-        # A tensor, not a float argument, for the compiled routing region (`route_and_count`).
+        # A tensor, not a float, in the compiled region (`routed_mlp`): nothing to specialise on.
         self.register_buffer(
             "gate_scale", torch.tensor(block.gate_scale, dtype=torch.float32), persistent=False
         )
@@ -171,32 +171,48 @@ class BaditMLP(nn.Module):
         self.served.use_gemm(prepacked_gemm_factory(self.served.lora_a.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        served = self.served
-        if served is None:
+        if self.served is None:
             raise RuntimeError("BaditMLP used before its experts were built (prepare_served)")
-        projected, _ = self.gate_up_proj(x)  # (T, 2 * I_local [+ K*R])
-        flat = x.reshape(-1, x.shape[-1])  # (T, d_in)
-        if self.fused_rows:
-            projected, hidden = projected.split([2 * self.intermediate_local, self.fused_rows], dim=-1)
-            hidden = hidden.reshape(flat.shape[0], self.fused_rows)  # (T, K*R) = A' x
-        else:
-            hidden = served.a_gemm(flat.to(served.lora_a.dtype))  # (T, K*R)
-        spec = self.spec
-        weighted, tokens, sums = route_and_count(
-            flat, hidden, served.router, self.num_real, spec.top_k, spec.mode, self.gate_scale
-        )  # (T, K*R), (K,), (K,)
+        out, tokens, sums = routed_mlp(self, x)  # (T, d_model), (K,), (K,)
         if self.record_stats:
             self.expert_tokens.add_(tokens)  # (K,)
             self.router_weight_sums.add_(sums)  # (K,)
-        delta = served_delta(weighted, served)  # (T, I_local)
-        gate, up = projected.split(self.intermediate_local, dim=-1)  # (..., I_local) x2
-        # Out of place, so torch.compile fuses the add and the concatenation into the activation's kernel.
-        gate_up = torch.cat([gate + delta.view_as(gate), up], dim=-1)  # (..., 2 * I_local)
-        out, _ = self.down_proj(self.act_fn(gate_up))  # (T, d_model)
         return out
 
 
 @torch.compiler.nested_compile_region
+def routed_mlp(mlp: BaditMLP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One routed MLP without its side effects: the output (T, d_model) and the layer's routing statistics
+    of this pass, the selected-token count (K,) int64 and the routing-weight sum (K,) float64 of the real
+    rows (which `BaditMLP.forward` adds into its buffers: a nested region may not mutate them).
+
+    A nested compile region over the whole MLP: the layers differ only in their tensors (weights, packed
+    GEMM handles, experts), so torch.compile traces and compiles the region once and every layer calls it.
+    Inductor's work for the MLPs then does not grow with the number of layers, and nothing is lost to the
+    boundary (the MLP starts and ends with a GEMM, which inductor never fuses). Without torch.compile it is
+    a plain call.
+    """
+    served = mlp.served
+    assert served is not None
+    projected, _ = mlp.gate_up_proj(x)  # (T, 2 * I_local [+ K*R])
+    flat = x.reshape(-1, x.shape[-1])  # (T, d_in)
+    if mlp.fused_rows:
+        projected, hidden = projected.split([2 * mlp.intermediate_local, mlp.fused_rows], dim=-1)
+        hidden = hidden.reshape(flat.shape[0], mlp.fused_rows)  # (T, K*R) = A' x
+    else:
+        hidden = served.a_gemm(flat.to(served.lora_a.dtype))  # (T, K*R)
+    spec = mlp.spec
+    weighted, tokens, sums = route_and_count(
+        flat, hidden, served.router, mlp.num_real, spec.top_k, spec.mode, mlp.gate_scale
+    )  # (T, K*R), (K,), (K,)
+    delta = served_delta(weighted, served)  # (T, I_local)
+    gate, up = projected.split(mlp.intermediate_local, dim=-1)  # (..., I_local) x2
+    # Out of place, so torch.compile fuses the add and the concatenation into the activation's kernel.
+    gate_up = torch.cat([gate + delta.view_as(gate), up], dim=-1)  # (..., 2 * I_local)
+    out, _ = mlp.down_proj(mlp.act_fn(gate_up))  # (T, d_model)
+    return out, tokens, sums
+
+
 def route_and_count(
     x: torch.Tensor,
     hidden: torch.Tensor,
@@ -210,13 +226,8 @@ def route_and_count(
     expert activations) and its routing statistics over the real rows (`routing_stats`).
 
     x: (T, d_in); hidden: (T, K*R) = A' x in the model dtype; router: (K, d_in) float32, no rows in mode
-    'none'; num_real: 0-dim int64; gate_scale: 0-dim float32. Returns weighted (T, K*R) in hidden's dtype, the selected-token count
-    (K,) int64 and the routing-weight sum (K,) float64 of the real rows.
-
-    A nested compile region: every layer calls it with the same shapes, so torch.compile traces and
-    compiles it once and reuses it for all layers (inductor's work for the routed path then does not grow
-    with the number of layers, which is most of what the routed path added to a first start); without
-    torch.compile it is a plain call.
+    'none'; num_real: 0-dim int64; gate_scale: 0-dim float32. Returns weighted (T, K*R) in hidden's dtype,
+    the selected-token count (K,) int64 and the routing-weight sum (K,) float64 of the real rows.
     """
     logits = served_router_logits(x, router)  # (T, K) float32
     weights, selected = routing_weights(logits, top_k, mode, gate_scale)  # type: ignore[arg-type]  # (T, K) x2
