@@ -7,6 +7,10 @@ up projection) and adds the routed expert delta to the gate half before the acti
     weighted, tokens, sums = route_and_count(x, A' x, router, ...)   # (T, K*R), (K,), (K,)
     delta = weighted @ experts.lora_b.T              # (T, I_local)
     gate_up = cat([gate + delta, up])                # fused into act_fn by inductor
+    out = down_proj(act_fn(gate_up))                 # (T, d_model)
+
+all of it one nested compile region (`routed_mlp`) that torch.compile traces and compiles once and every
+layer calls; the layer then adds the counts into its buffers (`BaditMLP.forward`).
 
 with `badit_serve.routing`'s serving form of the shared math (`ServedExperts`): the router in float32
 (top-k on float32 logits like the reference), A' and s * B' in the model dtype, the experts refactorised
