@@ -6,11 +6,12 @@ up projection) and adds the routed expert delta to the gate half before the acti
     projected = gate_up_proj(x)                      # (T, 2 * I_local + K*R): [gate | up | A' x]
     weighted, tokens, sums = route_and_count(x, A' x, router, ...)   # (T, K*R), (K,), (K,)
     delta = weighted @ experts.lora_b.T              # (T, I_local)
-    gate_up = cat([gate + delta, up])                # fused into act_fn by inductor
-    out = down_proj(act_fn(gate_up))                 # (T, d_model)
+    activated = act(gate + delta, up)                # (T, I_local): act_fn on the two halves (`gated_act`)
+    out = down_proj(activated)                       # (T, d_model)
 
 all of it one nested compile region (`routed_mlp`) that torch.compile traces and compiles once and every
-layer calls; the layer then adds the counts into its buffers (`BaditMLP.forward`).
+layer calls; the layer then adds the counts into its buffers (`BaditMLP.forward`, through the op
+`torch.ops.badit.add_routing_stats`, see `routing_stats`).
 
 with `badit_serve.routing`'s serving form of the shared math (`ServedExperts`): the router in float32
 (top-k on float32 logits like the reference), A' and s * B' in the model dtype, the experts refactorised
@@ -45,6 +46,7 @@ from badit_serve.routing import (
     weigh_experts,
 )
 from badit_serve.vllm_models.cpu_gemm import prepacked_gemm_factory
+from badit_serve.vllm_models.gated_act import gated_activation
 from badit_serve.vllm_models.routing_stats import new_real_row_count, routing_increments
 
 SUPPORTED_TARGETS = ["gate_proj"]
@@ -128,6 +130,8 @@ class BaditMLP(nn.Module):
         self.gate_up_proj = gate_up_proj
         self.down_proj = down_proj
         self.act_fn = act_fn
+        self.gated_act = gated_activation(act_fn)
+        """act_fn on the gate and up halves apart (`gated_act`), or None: act_fn on their concatenation."""
         self.intermediate_local = int(gate_up_proj.output_partition_sizes[0])
         self.badit_gate = BaditGate(block, int(gate_up_proj.input_size), self.intermediate_local, tp_rank)
         self.spec = RoutingSpec(block.num_experts, block.top_k, block.router, block.gate_scale)
@@ -178,9 +182,8 @@ class BaditMLP(nn.Module):
         if self.served is None:
             raise RuntimeError("BaditMLP used before its experts were built (prepare_served)")
         out, tokens, sums = routed_mlp(self, x)  # (T, d_model), (K,), (K,)
-        if self.record_stats:
-            self.expert_tokens.add_(tokens)  # (K,)
-            self.router_weight_sums.add_(sums)  # (K,)
+        if self.record_stats:  # in place, where this layer runs (routing_stats: not in the last kernel)
+            torch.ops.badit.add_routing_stats(self.expert_tokens, self.router_weight_sums, tokens, sums)
         return out
 
 
@@ -211,9 +214,12 @@ def routed_mlp(mlp: BaditMLP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     )  # (T, K*R), (K,), (K,)
     delta = served_delta(weighted, served)  # (T, I_local)
     gate, up = projected.split(mlp.intermediate_local, dim=-1)  # (..., I_local) x2
-    # Out of place, so torch.compile fuses the add and the concatenation into the activation's kernel.
-    gate_up = torch.cat([gate + delta.view_as(gate), up], dim=-1)  # (..., 2 * I_local)
-    out, _ = mlp.down_proj(mlp.act_fn(gate_up))  # (T, d_model)
+    gate = gate + delta.view_as(gate)  # (..., I_local), out of place: fused into the activation's kernel
+    if mlp.gated_act is not None:
+        activated = mlp.gated_act(gate, up)  # (..., I_local)
+    else:
+        activated = mlp.act_fn(torch.cat([gate, up], dim=-1))  # (..., I_local)
+    out, _ = mlp.down_proj(activated)  # (T, d_model)
     return out, tokens, sums
 
 

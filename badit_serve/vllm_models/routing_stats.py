@@ -2,11 +2,17 @@
 
 Every `BaditMLP` adds, over the REAL tokens of the batch only, the selected-token count per expert into an
 int64 (K,) buffer and the routing-weight sum per expert into a float64 (K,) buffer (`routing_increments`,
-computed in the layer's compiled routing region); the multi-adapter layer does the same per adapter slot
-into (S, K) buffers (`record_slot_routing`). These are plain in-place tensor ops, so under torch.compile
-they are part of the layer's graph (inductor fuses the masking and the sums with the routing kernels; an
-in-place buffer update is a side effect, never dead-code eliminated), and under CUDA graphs they replay on
-the captured buffers. No `.item()`, no host sync, no data-dependent shapes.
+computed in the layer's compiled region; `add_routing_stats` adds them); the multi-adapter layer does the
+same per adapter slot into (S, K) buffers (`record_slot_routing`). These are tensor ops on the device, so
+under torch.compile they are part of the graph (inductor fuses the masking and the sums with the routing
+kernels; an in-place buffer update is a side effect, never dead-code eliminated), and under CUDA graphs
+they replay on the captured buffers. No `.item()`, no host sync, no data-dependent shapes.
+
+The adds into the buffers are one small custom op per layer (`torch.ops.badit.add_routing_stats`, a
+mutating op that inductor calls in place where the layer runs). As plain `add_`s, functionalisation moved
+every layer's write-back to the end of the graph, and inductor's C++ backend generated them into the
+graph's last kernel (the final norm): on the default model a kernel with 60 buffer arguments, 69 KB of C++
+that took 11 s to compile at every first start. The op costs a dispatcher call per layer per step.
 
 Padding rows: vLLM 0.32's model runner (the CPU runner inherits `GPUModelRunner`) passes `is_padding=` to
 `set_forward_context`, a bool (num_tokens_padded,) view of a persistent buffer, True for the rows past
@@ -21,6 +27,10 @@ the server says start (see `badit_serve.expert_metrics`).
 from __future__ import annotations
 
 import torch
+from torch.library import Library
+
+LIBRARY = Library("badit", "FRAGMENT")
+"""Owns `torch.ops.badit.*` (an operator lives as long as its library object)."""
 
 ALL_ROWS = 2**62
 """The real-row count that makes every row real (no forward context or no padding mask)."""
@@ -60,6 +70,34 @@ def routing_increments(
     real = real_rows(selected.shape[0], num_real).unsqueeze(-1)  # (T, 1)
     tokens = (selected & real).sum(dim=0, dtype=torch.int64)  # (K,)
     return tokens, (weights * real).sum(dim=0, dtype=torch.float64)  # (K,), (K,)
+
+
+def add_routing_stats(
+    expert_tokens: torch.Tensor,
+    router_weight_sums: torch.Tensor,
+    tokens: torch.Tensor,
+    sums: torch.Tensor,
+) -> None:
+    """Add one pass's increments into a layer's buffers: expert_tokens (K,) int64 += tokens (K,) int64,
+    router_weight_sums (K,) float64 += sums (K,) float64. Registered as `torch.ops.badit.add_routing_stats`;
+    call it through the op so torch.compile keeps it in place (see the module docstring)."""
+    expert_tokens.add_(tokens)  # (K,)
+    router_weight_sums.add_(sums)  # (K,)
+
+
+def _register_ops() -> None:
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    direct_register_custom_op(
+        "add_routing_stats",
+        add_routing_stats,
+        mutates_args=["expert_tokens", "router_weight_sums"],
+        fake_impl=lambda *_: None,
+        target_lib=LIBRARY,
+    )
+
+
+_register_ops()
 
 
 def record_slot_routing(
