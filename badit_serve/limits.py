@@ -257,12 +257,31 @@ class BaditGate:
             violation = self._unavailable(scope)
         if violation is not None:
             return await error_response(violation)(scope, receive, send)
-        counted = path in INFERENCE_PATHS
-        self.in_flight += counted
+        if path not in INFERENCE_PATHS:
+            return await self.app(scope, replay(body, receive), send)
+        await self._counted(scope, replay(body, receive), send)
+
+    async def _counted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run an inference request, counted in `in_flight` until its response's last body message is
+        handed to the server, or until the app returns without one (an error or a client gone). Not until
+        the app returns: a streaming app still winds down after its last bytes, and a client that has its
+        whole answer may already be asking again (16 streaming clients once met a 503 at 24 in flight)."""
+        answered = False
+
+        async def send_counted(message: Message) -> None:
+            nonlocal answered
+            final = message["type"] == "http.response.body" and not message.get("more_body", False)
+            if final and not answered:
+                answered = True
+                self.in_flight -= 1  # before the last bytes leave: the client cannot ask again first
+            await send(message)
+
+        self.in_flight += 1
         try:
-            await self.app(scope, replay(body, receive), send)
+            await self.app(scope, receive, send_counted)
         finally:
-            self.in_flight -= counted
+            if not answered:
+                self.in_flight -= 1
 
     def _unavailable(self, scope: Scope) -> Violation | None:
         if self.in_flight >= self.limits.max_in_flight:

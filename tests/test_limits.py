@@ -174,6 +174,49 @@ def test_inference_requests_beyond_max_in_flight_get_503_before_the_route_runs()
     assert "--max-in-flight" in refused.json()["error"]["message"] and entered.count("/v1/completions") == 3
 
 
+def test_a_request_stops_counting_once_answered_even_while_its_app_winds_down() -> None:
+    """A streaming app may still run after its last body message; the client already has its answer and
+    asks again. That request is not in flight any more (it made the load test meet a 503 at 16 clients)."""
+    linger = asyncio.Event()
+    calls: list[int] = []
+
+    async def app(scope: dict, receive, send) -> None:  # noqa: ANN001
+        calls.append(len(calls))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: [DONE]", "more_body": False})
+        if len(calls) == 1:
+            await linger.wait()  # the first request's app winds down slowly
+
+    gate = BaditGate(app, LIMITS.model_copy(update={"max_in_flight": 1}), api_keys=[])
+
+    async def request() -> list[dict]:
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        first = asyncio.create_task(gate(scope, receive, send))
+        while not sent or sent[-1].get("more_body", True):  # until the first answer is complete
+            await asyncio.sleep(0.01)
+        assert not first.done() and gate.in_flight == 0
+        second: list[dict] = []
+        await gate(scope, receive, lambda m: _append(second, m))
+        linger.set()
+        await first
+        return second
+
+    second = asyncio.run(request())
+    assert second[0]["status"] == 200 and gate.in_flight == 0 and len(calls) == 2
+
+
+async def _append(messages: list[dict], message: dict) -> None:
+    messages.append(message)
+
+
 def test_inference_requests_get_503_with_retry_after_once_the_engine_has_stopped() -> None:
     """After SIGTERM vLLM stops the engine before the HTTP server: requests in between got a 500."""
 
