@@ -3,7 +3,8 @@
 OpenAI client calls (chat, streaming chat, completion, model list), API-key enforcement, malformed and
 over-long requests, and the per-expert counters: with prefix caching off every request adds exactly
 top_k * (prompt tokens + generated tokens - 1) selections to each layer (the last generated token is
-never fed back), counted on the real tokens only and never during warm-up.
+never fed back), counted on the real tokens only and never during warm-up; in the default bfloat16 and in
+float32 (a second server for that one test).
 """
 
 from __future__ import annotations
@@ -56,11 +57,24 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """badit-serve in its default dtype (bfloat16)."""
+    yield from _serve(tiny_model_dirs, tmp_path_factory, ("--max-in-flight", str(MAX_IN_FLIGHT)))
+
+
+@pytest.fixture  # one test uses it: stopped before the next starts
+def server_float32(
+    tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    yield from _serve(tiny_model_dirs, tmp_path_factory, ("--dtype", "float32"))
+
+
+def _serve(
+    tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, extra: tuple[str, ...]
+) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("serve")
     export = make_export(tiny_model_dirs["llama"], root / "export", labelled=True)
     bundle = load_export(export)
-    options = ServeOptions(extra=("--max-in-flight", str(MAX_IN_FLIGHT)))
-    process = launch_badit_serve(export, root, options)
+    process = launch_badit_serve(export, root, ServeOptions(extra=extra))
     handle = Server(process.url, export, bundle.block.top_k, bundle.routing_table.expert_labels, process)
     try:
         wait_healthy_or_fail(process)
@@ -160,7 +174,9 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server: Server) -> No
     assert response.usage.completion_tokens == 2
 
 
-def test_expert_counters_grow_by_top_k_per_routed_token(server: Server) -> None:
+@pytest.mark.parametrize("fixture", ["server", "server_float32"], ids=["bfloat16", "float32"])
+def test_expert_counters_grow_by_top_k_per_routed_token(fixture: str, request: pytest.FixtureRequest) -> None:
+    server: Server = request.getfixturevalue(fixture)
     _experts_json(server)  # flush what earlier tests routed, so `before` is exact
     before = _expert_tokens(server)
     assert set(before) >= {"0", "1", "ability"}  # every series exists from the start (at 0 or more)
