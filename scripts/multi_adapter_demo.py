@@ -5,7 +5,7 @@
     -> the same chat prompts to each adapter and to the base (one mixed concurrent batch, OpenAI API `model`
        field) -> per-adapter expert counts (/v1/badit/experts?adapter=NAME and /metrics) checked against
        top_k x routed tokens -> unload and reload one adapter at runtime -> stop the server
-    -> every greedy answer checked against the reference loader (badit_serve.reference, no vLLM).
+    -> every greedy answer checked against the reference loader (badit_serve.core.reference, no vLLM).
 
     .venv/bin/python scripts/multi_adapter_demo.py [--retrain] [--port 8012] [--timeout-train 3600]
 
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import httpx
 
-from badit_serve.schemas import ExpertsResponse
-from badit_serve.server_process import ServerError, free_port, start_server
+from badit_serve.api.schemas import ExpertsResponse
+from badit_serve.launch.server_process import ServerError, free_port, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -272,7 +272,7 @@ def check_reference(base_dir: Path, jobs: list[AdapterJob], answers: list[Answer
     import torch
     from transformers import AutoModelForCausalLM
 
-    from badit_serve.reference import load_reference_adapter
+    from badit_serve.core.reference import load_reference_adapter
 
     loaders = {BASE_NAME: lambda: AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)}
     loaders |= {

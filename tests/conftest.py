@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_models import FAMILIES, build_tiny_model, build_tiny_tokenizer
+from tests.support.tiny_models import FAMILIES, build_tiny_model, build_tiny_tokenizer
 from training.config import SUPERNI_DIR_ENV, superni_dir_from_env
 from training.model_store import resolve_model
 

@@ -10,16 +10,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from badit_serve.adapter import (
+from badit_serve.core.adapter import (
     ADAPTER_INFO_FILE,
     ADAPTER_WEIGHTS_FILE,
     load_adapter,
     peft_name,
 )
-from badit_serve.export_io import ExportError, write_manifest
-from badit_serve.reference import load_reference_adapter, load_reference_model
-from tests.badit_exports import trained_model
-from tests.tiny_models import build_tiny_model
+from badit_serve.core.export_io import ExportError, write_manifest
+from badit_serve.core.reference import load_reference_adapter, load_reference_model
+from tests.support.badit_exports import trained_model
+from tests.support.tiny_models import build_tiny_model
 from training.export import export_adapter, export_model
 
 
@@ -101,7 +101,7 @@ def test_refused_info_names_the_file(adapter_dir: Path, tmp_path: Path) -> None:
 def test_serve_cli_validates_adapters_before_starting(
     adapter_dir: Path, tiny_model_dirs: dict[str, Path], default_model_dir: Path, tmp_path: Path, capsys
 ) -> None:
-    from badit_serve.cli import main
+    from badit_serve.launch.cli import main
 
     other = build_tiny_model("llama", default_model_dir, tmp_path / "other", seed=1)
     assert main([str(other), "--adapter", f"a={adapter_dir}"]) == 2
@@ -112,7 +112,8 @@ def test_serve_cli_validates_adapters_before_starting(
 
 
 def test_serve_options_of_multi_adapter_mode(adapter_dir: Path, tiny_model_dirs: dict[str, Path]) -> None:
-    from badit_serve.multi_adapter import AdapterSpec, validate_adapter_set, vllm_adapter_args
+    from badit_serve.core.adapter_set import AdapterSpec, validate_adapter_set
+    from badit_serve.launch.vllm_options import vllm_adapter_args
 
     specs = [AdapterSpec("a", adapter_dir), AdapterSpec("b", adapter_dir)]
     argv = vllm_adapter_args(validate_adapter_set(tiny_model_dirs["llama"], specs, 4))

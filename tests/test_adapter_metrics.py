@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from badit_serve.adapter_metrics import AdapterStatsCollector
+from badit_serve.metrics.adapter_metrics import AdapterStatsCollector
 
 
 def test_counts_follow_the_slot_owner_across_a_slot_change() -> None:

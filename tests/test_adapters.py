@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from tests.devices import PRECISIONS, Precision
+from tests.support.devices import PRECISIONS, Precision
 from training.adapters import (
     AdapterConfig,
     DogConfig,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from badit_serve.export_io import ExportError
+from badit_serve.core.export_io import ExportError
 from training.adapters import AdapterConfig, adapted_layers, apply_adapters, layer_spec
 from training.adapters.branches import (
     GatedBranchLinear,
@@ -209,8 +209,8 @@ def test_gated_layers_are_not_servable() -> None:
     model = torch.nn.Sequential()
     model.add_module("gate_proj", torch.nn.Linear(8, 8))
     apply_adapters(model, AdapterConfig(method="gainlora", rank=2, branches={"count": 2}))
-    from training.export import check_servable
+    from training.export import check_exportable
 
     with pytest.raises(ExportError, match="gainlora"):
-        check_servable(model)
+        check_exportable(model)
     assert isinstance(next(iter(adapted_layers(model).values())), GatedBranchLinear)

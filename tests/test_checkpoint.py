@@ -101,7 +101,7 @@ def test_damaged_checkpoints_get_an_error_naming_the_file(tiny_model_dirs, tmp_p
 
 
 def test_a_failed_tensor_write_is_an_oserror_naming_the_file(tmp_path) -> None:
-    from badit_serve.tensor_files import write_tensors
+    from badit_serve.core.tensor_files import write_tensors
 
     with pytest.raises(OSError, match="missing-dir") as caught:
         write_tensors(tmp_path / "missing-dir" / "x.safetensors", {"a": torch.zeros(2)})

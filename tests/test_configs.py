@@ -172,7 +172,7 @@ def test_grafana_dashboard_queries_the_served_series() -> None:
         "badit_router_weight_sum_total",
     ):
         assert series in exprs
-    from badit_serve import expert_metrics
+    from badit_serve.metrics import expert_metrics
 
     source = Path(expert_metrics.__file__).read_text()
     for series in ("badit_expert_tokens", "badit_expert_tokens_by_ability", "badit_router_weight_sum"):

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from badit_serve.routing import (
+from badit_serve.core.cpu_features import ENV_NATIVE_BF16, hardware_native_bf16, native_bf16
+from badit_serve.vllm_models.cpu_gemm import OneDnnGemm, onednn_gemm, prepacked_gemm_factory
+from badit_serve.vllm_models.served_experts import (
     RoutingSpec,
     ServedExperts,
     SlotIndex,
@@ -15,11 +17,22 @@ from badit_serve.routing import (
     add_served_delta,
     served_routing,
 )
-from badit_serve.vllm_models.cpu_gemm import OneDnnGemm, onednn_gemm, prepacked_gemm_factory
 
 pytestmark = pytest.mark.skipif(
     prepacked_gemm_factory(torch.device("cpu")) is TorchGemm, reason="this vLLM build has no oneDNN GEMM"
 )
+
+
+def _expected_kernel(dtype: torch.dtype) -> bool | None:
+    """Whether `onednn_gemm` must give vLLM's oneDNN kernel: always for float32 (oneDNN has it on every CPU
+    vLLM runs on); for bfloat16 only where the probe says native and the CPU has it, never where the probe
+    says no (the plain matmul, by design); None (no claim) where the probe is forced on a CPU without it,
+    as oneDNN then decides whether it has a kernel."""
+    if dtype == torch.float32:
+        return True
+    if not native_bf16():
+        return False
+    return True if hardware_native_bf16() else None
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
@@ -29,7 +42,11 @@ def test_onednn_gemm_matches_the_plain_matmul(dtype: torch.dtype, tol: float, to
     weight = torch.randn(136, 96, generator=gen).to(dtype)  # (n, k)
     x = torch.randn(tokens, 96, generator=gen).to(dtype)  # (T, k)
     gemm = onednn_gemm(weight)
-    assert isinstance(gemm, OneDnnGemm)
+    expected = _expected_kernel(dtype)
+    if expected is not None:
+        assert isinstance(gemm, OneDnnGemm) == expected, (
+            f"probe {native_bf16()}, hardware {hardware_native_bf16()}"
+        )
     got = gemm(x)  # (T, n)
     assert got.dtype == dtype and got.shape == (tokens, 136)
     torch.testing.assert_close(got.float(), (x.float() @ weight.float().t()), rtol=tol, atol=tol * 10)
@@ -75,3 +92,20 @@ def test_moving_the_experts_makes_the_gemms_again() -> None:
     experts.use_gemm(TorchGemm)
     experts.to(torch.float64)
     assert experts.a_gemm.weight.dtype == torch.float64 and experts.b_gemm.weight is experts.lora_b
+
+
+@pytest.mark.parametrize("forced", ["0", "1"])
+def test_the_probe_decides_the_bfloat16_kernel(monkeypatch: pytest.MonkeyPatch, forced: str) -> None:
+    """Both branches on any machine: forced off, bfloat16 takes the plain matmul even where oneDNN has a
+    kernel; forced on, oneDNN is asked (and used where the CPU has native bfloat16). float32 never asks the
+    probe. The numbers are the plain matmul's either way."""
+    monkeypatch.setenv(ENV_NATIVE_BF16, forced)
+    weight = torch.randn(64, 32).to(torch.bfloat16)  # (n, k)
+    gemm = onednn_gemm(weight)
+    if forced == "0":
+        assert isinstance(gemm, TorchGemm)
+    elif hardware_native_bf16():
+        assert isinstance(gemm, OneDnnGemm)
+    assert isinstance(onednn_gemm(weight.float()), OneDnnGemm)
+    x = torch.randn(5, 32).to(torch.bfloat16)  # (T, k)
+    torch.testing.assert_close(gemm(x).float(), x.float() @ weight.float().t(), rtol=1e-2, atol=1e-1)

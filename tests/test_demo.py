@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.script_modules import load_script
+from tests.support.script_modules import load_script
 
 
 def test_held_out_score_counts_exact_answers_and_the_constant_baseline() -> None:

@@ -8,14 +8,14 @@ from types import SimpleNamespace
 
 import torch
 
-from badit_serve.format import RoutingTable
-from tests.vllm_fakes import badit_block
+from badit_serve.core.format import RoutingTable
+from tests.support.vllm_fakes import badit_block
 
 
 def test_collector_counts_only_after_start_and_reports_differences() -> None:
     from prometheus_client import CollectorRegistry
 
-    from badit_serve import expert_metrics
+    from badit_serve.metrics import expert_metrics
 
     mlp = SimpleNamespace(
         expert_tokens=torch.tensor([100, 50]),
@@ -46,7 +46,7 @@ def test_collector_counts_only_after_start_and_reports_differences() -> None:
 
 
 def test_experts_response_merges_counts_with_the_routing_table() -> None:
-    from badit_serve.endpoint import BaditServingState, build_response
+    from badit_serve.api.endpoint import BaditServingState, build_response
 
     block = badit_block()
     table = RoutingTable.model_validate(

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from badit_serve.export_io import ExportError, load_export, sha256_file
-from badit_serve.format import MANIFEST_FILE, expert_prefix
-from badit_serve.reference import load_reference_model
-from tests.badit_exports import trained_model
+from badit_serve.core.export_io import ExportError, load_export, sha256_file
+from badit_serve.core.format import MANIFEST_FILE, expert_prefix
+from badit_serve.core.reference import load_reference_model
+from tests.support.badit_exports import trained_model
 from training.adapters import (
     AdapterConfig,
     adapted_layers,
@@ -176,7 +176,7 @@ def test_interrupted_export_leaves_nothing(
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("badit_serve.export_io.shutil.copy2", boom)
+    monkeypatch.setattr("badit_serve.core.export_io.shutil.copy2", boom)
     with pytest.raises(KeyboardInterrupt):
         export_model(model, tiny_model_dirs["llama"], tmp_path / "export")
     assert list(tmp_path.iterdir()) == []
@@ -251,7 +251,7 @@ def test_export_takes_the_stored_initial_factors_instead_of_an_svd(
     """An 8B export spent most of an hour on CPU recomputing every gate_proj SVD that the checkpoint
     already holds (A0/B0 of the delta form). Rebuilt from the stored factors, the model exports the same
     tensors, and export_run never calls the SVD."""
-    from tests.test_train import _overrides
+    from tests.support.training_runs import train_overrides
     from training.checkpoint import latest_checkpoint, load_checkpoint, restore_training_state
     from training.cli.export import export_run
     from training.config import load_config
@@ -259,7 +259,7 @@ def test_export_takes_the_stored_initial_factors_instead_of_an_svd(
 
     model_dir = tiny_model_dirs["llama"]
     extra = {"eval.enabled": "false", "adapter.dog.schedule": "every_n_steps", "adapter.dog.every_n_steps": 2}
-    cfg = load_config(None, _overrides(model_dir, superni_dir, tmp_path / "run", **extra))
+    cfg = load_config(None, train_overrides(model_dir, superni_dir, tmp_path / "run", **extra))
     run(cfg, show_progress=False)
     state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     exported = []

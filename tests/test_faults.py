@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from badit_serve.export_io import load_export
-from tests.test_train import _cli, _overrides
+from badit_serve.core.export_io import load_export
+from tests.support.training_runs import train_cli, train_overrides
 from training.checkpoint import latest_checkpoint, load_checkpoint
 from training.cli.export import main as export_main
 from training.config import load_config
@@ -123,7 +123,10 @@ def _size(directory: Path) -> int:
 def reference(tiny_model_dirs, superni_dir, tmp_path_factory) -> Path:
     """An uninterrupted run (the result a resumed one must match)."""
     out = tmp_path_factory.mktemp("faults") / "whole"
-    run(load_config(None, _overrides(tiny_model_dirs["qwen3"], superni_dir, out, **RUN)), show_progress=False)
+    run(
+        load_config(None, train_overrides(tiny_model_dirs["qwen3"], superni_dir, out, **RUN)),
+        show_progress=False,
+    )
     return out
 
 
@@ -131,12 +134,12 @@ def test_kill_9_during_a_checkpoint_write_then_resume_equals_an_uninterrupted_ru
     tiny_model_dirs, superni_dir, tmp_path, reference
 ) -> None:
     out = tmp_path / "killed"
-    overrides = _overrides(tiny_model_dirs["qwen3"], superni_dir, out, **RUN)
+    overrides = train_overrides(tiny_model_dirs["qwen3"], superni_dir, out, **RUN)
     args = ["--no-progress"] + [arg for item in overrides for arg in ("--set", item)]
     _killed_at_write("training.checkpoint", "training.cli.train", 3, args, tmp_path)  # the step-3 checkpoint
     run_dir = RunDir(out)
     assert latest_checkpoint(out) == run_dir.checkpoint(2) and not run_dir.checkpoint(3).exists()
-    assert _cli(overrides, "--resume") == 0
+    assert train_cli(overrides, "--resume") == 0
     _same_adapters(latest_checkpoint(reference), latest_checkpoint(out))
 
 
@@ -144,7 +147,7 @@ def test_full_disk_during_a_checkpoint_gives_a_clear_error_and_keeps_the_last_on
     tiny_model_dirs, superni_dir, small_disk, reference, capsys
 ) -> None:
     out = small_disk / "run"
-    cfg = load_config(None, _overrides(tiny_model_dirs["qwen3"], superni_dir, out, **RUN))
+    cfg = load_config(None, train_overrides(tiny_model_dirs["qwen3"], superni_dir, out, **RUN))
     checkpoint_bytes = _size(latest_checkpoint(reference))
     with pytest.raises(OSError, match="No space left on device"):
         run(cfg, show_progress=False, hooks=[FillDiskAfter(small_disk, 2, checkpoint_bytes // 2)])
@@ -152,18 +155,18 @@ def test_full_disk_during_a_checkpoint_gives_a_clear_error_and_keeps_the_last_on
     assert load_checkpoint(RunDir(out).checkpoint(2)).progress.global_step == 2
     assert not RunDir(out).checkpoint(3).exists() and not list(RunDir(out).checkpoints.glob(".*partial*"))
     # the command's own report of the same fault: one line and exit code 1; then, with room again, it resumes
-    overrides = _overrides(tiny_model_dirs["qwen3"], superni_dir, out, **RUN)
-    assert _cli(overrides, "--resume") == 1
+    overrides = train_overrides(tiny_model_dirs["qwen3"], superni_dir, out, **RUN)
+    assert train_cli(overrides, "--resume") == 1
     assert "badit-train: error:" in capsys.readouterr().err
     (small_disk / "filler").unlink()
-    assert _cli(overrides, "--resume") == 0
+    assert train_cli(overrides, "--resume") == 0
     _same_adapters(latest_checkpoint(reference), latest_checkpoint(out))
 
 
 def test_kill_9_during_export_leaves_no_partial_out_dir_and_a_rerun_succeeds(reference, tmp_path) -> None:
     out_dir = tmp_path / "export"
     _killed_at_write(
-        "badit_serve.export_io", "training.cli.export", 1, [str(reference), str(out_dir)], tmp_path
+        "badit_serve.core.export_io", "training.cli.export", 1, [str(reference), str(out_dir)], tmp_path
     )
     assert not out_dir.exists()
     (leftover,) = tmp_path.glob(".export.partial.*")  # the killed writer's staging, named with its pid
@@ -172,7 +175,11 @@ def test_kill_9_during_export_leaves_no_partial_out_dir_and_a_rerun_succeeds(ref
     assert not leftover.exists()  # the re-run removed it: its writer is dead
     before = {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()}
     _killed_at_write(
-        "badit_serve.export_io", "training.cli.export", 1, [str(reference), str(out_dir), "--force"], tmp_path
+        "badit_serve.core.export_io",
+        "training.cli.export",
+        1,
+        [str(reference), str(out_dir), "--force"],
+        tmp_path,
     )
     assert {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()} == before  # the old one, whole
     assert export_main([str(reference), str(out_dir), "--force"]) == 0

@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from badit_serve.reference import load_reference_model
-from tests.devices import CUDA, Precision
-from tests.test_train import RESUME_OVERRIDES, InterruptAfter, _overrides
+from badit_serve.core.reference import load_reference_model
+from tests.support.devices import CUDA, Precision
+from tests.support.training_runs import RESUME_OVERRIDES, InterruptAfter, train_overrides
 from training.adapters import (
     AdapterConfig,
     accumulate_dog_signal,
@@ -90,9 +90,9 @@ def test_killed_run_resumes_to_the_same_weights_on_cuda(tiny_model_dirs, superni
     the comparison allows float32 noise rather than demanding bitwise equality."""
     extra = RESUME_OVERRIDES
     model_dir = tiny_model_dirs["llama"]
-    whole = load_config(None, _overrides(model_dir, superni_dir, tmp_path / "whole", **extra))
+    whole = load_config(None, train_overrides(model_dir, superni_dir, tmp_path / "whole", **extra))
     run(whole, show_progress=False)
-    killed = load_config(None, _overrides(model_dir, superni_dir, tmp_path / "killed", **extra))
+    killed = load_config(None, train_overrides(model_dir, superni_dir, tmp_path / "killed", **extra))
     with pytest.raises(KeyboardInterrupt):
         run(killed, show_progress=False, hooks=[InterruptAfter(3)])
     run(killed, resume=True, show_progress=False)

@@ -1,4 +1,4 @@
-"""BaditGate (badit_serve/limits.py) on a small ASGI app: key, body size, field limits, roles, Retry-After.
+"""RequestGate (badit_serve/api/limits.py) on a small ASGI app: key, body size, field limits, roles, Retry-After.
 
 The same gate runs in front of the real server in tests/test_serve.py; these cases run in milliseconds.
 """
@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from badit_serve.limits import ENV_LIMITS, BaditGate, RequestLimits, check_body, replay
+from badit_serve.api.limits import ENV_LIMITS, RequestGate, RequestLimits, check_body, replay
 
 KEY = "sk-gate"
 LIMITS = RequestLimits(max_body_bytes=2000, max_sequences=4, max_tokens=64, max_messages=3, retry_after_s=7)
@@ -44,7 +44,7 @@ def client() -> Iterator[TestClient]:
         for path in ("/v1/chat/completions", "/invocations", "/health", "/tokenize")
     ]
     app = Starlette(routes=[*routes, Route("/v1/busy", busy, methods=["POST"])])
-    app.add_middleware(BaditGate, limits=LIMITS, api_keys=[KEY])
+    app.add_middleware(RequestGate, limits=LIMITS, api_keys=[KEY])
     with TestClient(app) as test_client:
         yield test_client
 
@@ -117,7 +117,7 @@ def test_busy_answers_carry_retry_after(client: TestClient) -> None:
 
 def test_without_a_key_only_the_limits_apply() -> None:
     app = Starlette(routes=[Route("/invocations", echo, methods=["POST"])])
-    app.add_middleware(BaditGate, limits=LIMITS, api_keys=[])
+    app.add_middleware(RequestGate, limits=LIMITS, api_keys=[])
     with TestClient(app) as open_client:
         assert open_client.post("/invocations", json=_chat()).status_code == 200
         assert open_client.post("/invocations", json=_chat(max_tokens=100)).status_code == 400
@@ -152,7 +152,7 @@ def test_inference_requests_beyond_max_in_flight_get_503_before_the_route_runs()
         return JSONResponse({"ok": True})
 
     app = Starlette(routes=[Route(p, slow, methods=["POST"]) for p in ("/v1/completions", "/tokenize")])
-    app.add_middleware(BaditGate, limits=LIMITS.model_copy(update={"max_in_flight": 2}), api_keys=[])
+    app.add_middleware(RequestGate, limits=LIMITS.model_copy(update={"max_in_flight": 2}), api_keys=[])
 
     async def run() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=app)
@@ -187,7 +187,7 @@ def test_a_request_stops_counting_once_answered_even_while_its_app_winds_down() 
         if len(calls) == 1:
             await linger.wait()  # the first request's app winds down slowly
 
-    gate = BaditGate(app, LIMITS.model_copy(update={"max_in_flight": 1}), api_keys=[])
+    gate = RequestGate(app, LIMITS.model_copy(update={"max_in_flight": 1}), api_keys=[])
 
     async def request() -> list[dict]:
         scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}
@@ -224,7 +224,7 @@ def test_inference_requests_get_503_with_retry_after_once_the_engine_has_stopped
         errored = False
 
     app = Starlette(routes=[Route(p, echo, methods=["POST"]) for p in ("/v1/chat/completions", "/tokenize")])
-    app.add_middleware(BaditGate, limits=LIMITS, api_keys=[])
+    app.add_middleware(RequestGate, limits=LIMITS, api_keys=[])
     app.state.engine_client = EngineClient()
     with TestClient(app) as test_client:
         assert test_client.post("/v1/chat/completions", json=_chat()).status_code == 200

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from badit_serve.server_process import group_members
-from tests.badit_exports import make_adapter
-from tests.script_modules import load_script
+from badit_serve.launch.server_process import group_members
+from tests.support.badit_exports import make_adapter
+from tests.support.script_modules import load_script
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
 

@@ -22,12 +22,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from badit_serve.adapter import ADAPTER_WEIGHTS_FILE
-from badit_serve.reference import load_reference_adapter
-from badit_serve.server_process import ServerProcess
-from tests.badit_exports import make_adapter, reference_scores
-from tests.badit_server import ServeOptions, launch_badit_serve, wait_healthy_or_fail
-from tests.tiny_models import TINY_VOCAB, build_tiny_model
+from badit_serve.core.adapter import ADAPTER_WEIGHTS_FILE
+from badit_serve.core.reference import load_reference_adapter
+from badit_serve.launch.server_process import ServerProcess
+from tests.support.badit_exports import make_adapter, reference_scores
+from tests.support.badit_server import ServeOptions, launch_badit_serve, wait_healthy_or_fail
+from tests.support.tiny_models import TINY_VOCAB, build_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
 

@@ -5,19 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from badit_serve.routing import (
+from badit_serve.core.routing import routed_delta, router_logits, routing_weights
+from badit_serve.vllm_models.served_experts import (
     RoutingSpec,
     ServedExperts,
     SlotIndex,
     SlotShape,
     add_served_delta,
     balanced_factors,
-    routed_delta,
-    routed_delta_reference,
-    router_logits,
-    routing_weights,
     served_routing,
 )
+from tests.support.routing_reference import routed_delta_reference
 
 
 @pytest.mark.parametrize("mode,k,top_k", [("topk", 8, 4), ("topk", 8, 1), ("dense", 8, 8), ("none", 1, 1)])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.vllm_fakes import D_IN, INTER, K, R
+from tests.support.vllm_fakes import D_IN, INTER, K, R
 
 
 def test_routing_stats_skip_padding_rows() -> None:
@@ -117,8 +117,8 @@ def test_route_and_count_equals_the_served_routing_and_counts_real_rows(
     compiled: bool, mode: str, top_k: int, num_experts: int
 ) -> None:
     """The routing of BaditMLP's region gives served_routing's weighted activations and the real rows' statistics, for every layer, at two batch lengths."""
-    from badit_serve.routing import RoutingSpec, ServedExperts, served_routing
     from badit_serve.vllm_models.routing_stats import new_real_row_count
+    from badit_serve.vllm_models.served_experts import RoutingSpec, ServedExperts, served_routing
 
     gen = torch.Generator().manual_seed(5)
     spec = RoutingSpec(num_experts=num_experts, top_k=top_k, mode=mode, gate_scale=2.0)  # type: ignore[arg-type]

@@ -22,10 +22,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from badit_serve.export_io import load_export
-from badit_serve.server_process import ServerProcess
-from tests.badit_exports import make_export
-from tests.badit_server import (
+from badit_serve.core.export_io import load_export
+from badit_serve.launch.server_process import ServerProcess
+from tests.support.badit_exports import make_export
+from tests.support.badit_server import (
     API_KEY,
     MAX_MODEL_LEN,
     MODEL,

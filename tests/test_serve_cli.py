@@ -10,7 +10,7 @@ import pytest
 
 
 def test_cli_builds_vllm_arguments_with_defaults() -> None:
-    from badit_serve.cli import WORKER_EXTENSION, build_parser, vllm_argv
+    from badit_serve.launch.cli import WORKER_EXTENSION, build_parser, vllm_argv
 
     opts, rest = build_parser().parse_known_args(
         ["/x", "--port", "9", "--api-key", "k", "--max_model_len=64", "--enforce-eager"]
@@ -26,7 +26,7 @@ def test_cli_builds_vllm_arguments_with_defaults() -> None:
 
 
 def test_cli_serves_bfloat16_by_default_with_a_fallback_without_it() -> None:
-    from badit_serve.cli import default_dtype
+    from badit_serve.launch.cli import default_dtype
 
     every = ["bfloat16", "float16", "float32"]
     assert default_dtype(True, every, cpu_has_bf16=True)[0] == "bfloat16"
@@ -38,7 +38,7 @@ def test_cli_serves_bfloat16_by_default_with_a_fallback_without_it() -> None:
 
 
 def test_cli_prepares_a_fresh_metrics_dir_and_the_plugin_allowlist(tmp_path: Path) -> None:
-    from badit_serve.cli import prepare_environment
+    from badit_serve.launch.cli import prepare_environment
 
     env = {"VLLM_PLUGINS": "other", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     first = prepare_environment(env)
@@ -51,7 +51,7 @@ def test_cli_prepares_a_fresh_metrics_dir_and_the_plugin_allowlist(tmp_path: Pat
 
 
 def test_cli_cpu_defaults_turn_off_the_aot_cache_vllm_cpu_cannot_load_but_keep_user_values() -> None:
-    from badit_serve.cli import apply_cpu_defaults
+    from badit_serve.launch.cli import apply_cpu_defaults
 
     env: dict[str, str] = {}
     apply_cpu_defaults(env)
@@ -64,7 +64,7 @@ def test_cli_cpu_defaults_turn_off_the_aot_cache_vllm_cpu_cannot_load_but_keep_u
 def test_cli_rejects_an_invalid_export_with_exit_code_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from badit_serve.cli import main
+    from badit_serve.launch.cli import main
 
     assert main([str(tmp_path / "missing")]) == 2
     assert "invalid export" in capsys.readouterr().err
@@ -72,7 +72,7 @@ def test_cli_rejects_an_invalid_export_with_exit_code_2(
 
 
 def test_cli_reads_the_api_key_and_extra_options_from_the_environment() -> None:
-    from badit_serve.cli import build_parser, command_line, vllm_argv
+    from badit_serve.launch.cli import build_parser, command_line, vllm_argv
 
     env = {
         "BADIT_API_KEY": "secret",
@@ -97,8 +97,8 @@ def test_cli_reads_the_api_key_and_extra_options_from_the_environment() -> None:
 def test_cli_turns_request_limits_into_vllm_options_and_the_plugins_environment(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from badit_serve.cli import build_parser, export_limits, main, request_limits, vllm_argv
-    from badit_serve.limits import ENV_LIMITS, RequestLimits
+    from badit_serve.api.limits import ENV_LIMITS, RequestLimits
+    from badit_serve.launch.cli import build_parser, export_limits, main, request_limits, vllm_argv
 
     opts, rest = build_parser({}).parse_known_args(["/x", "--max-n", "3", "--max-tokens", "77"])
     argv = vllm_argv(opts, rest)

@@ -7,7 +7,7 @@ ends with a well-formed error event followed by `data: [DONE]` (vLLM aborts in-f
 requests are refused at connect. badit-serve exits with code 0, and when it has exited no process of its
 process group (API server, EngineCore, worker, resource tracker) is left; all within SHUTDOWN_BOUND_S.
 
-Before badit_serve.supervisor the API server exited while its SIGKILLed worker and the resource tracker
+Before badit_serve.launch.supervisor the API server exited while its SIGKILLed worker and the resource tracker
 still ran, orphaned: the group check below failed.
 """
 
@@ -24,9 +24,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from badit_serve.server_process import ServerProcess
-from tests.badit_exports import make_export
-from tests.badit_server import (
+from badit_serve.launch.server_process import ServerProcess
+from tests.support.badit_exports import make_export
+from tests.support.badit_server import (
     API_KEY,
     MODEL,
     ServeOptions,

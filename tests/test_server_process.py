@@ -1,4 +1,4 @@
-"""badit_serve.server_process on trivial servers: a few lines of http.server answering /health, started in
+"""badit_serve.launch.server_process on trivial servers: a few lines of http.server answering /health, started in
 their own process group, then stopped; none starts vLLM.
 
 Each fake server does one thing a real one can: exit 0 on SIGTERM (badit-serve), ignore SIGTERM (a hung
@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from badit_serve.server_process import (
+from badit_serve.launch.server_process import (
     ServerError,
     ServerProcess,
     Stopped,
@@ -145,7 +145,7 @@ def test_log_tail_keeps_the_last_lines(tmp_path: Path) -> None:
 def test_the_module_imports_neither_vllm_nor_torch_nor_training() -> None:
     """Client-side tooling: a demo or benchmark process that only starts servers stays light."""
     code = (
-        "import sys, badit_serve.server_process;"
+        "import sys, badit_serve.launch.server_process;"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'vllm', 'torch', 'training', 'transformers'}))"
     )
     done = subprocess.run(

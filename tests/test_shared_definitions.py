@@ -11,9 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from badit_serve.architectures import FAMILIES, MODEL_CLASSES, SUPPORTED_MODEL_TYPES
-from badit_serve.atomic import TargetExistsError, atomic_directory, atomic_write_text, clean_stale, owner_tag
-from badit_serve.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_cli
+from badit_serve.core.architectures import FAMILIES, MODEL_CLASSES, SUPPORTED_MODEL_TYPES
+from badit_serve.core.atomic import (
+    TargetExistsError,
+    atomic_directory,
+    atomic_write_text,
+    clean_stale,
+    owner_tag,
+)
+from badit_serve.core.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_cli
 from training.config import SUPERNI_DIR_ENV, DataConfig
 from training.data import DataError, load_tasks
 

@@ -1,4 +1,4 @@
-"""badit_serve.supervisor: no process the server started outlives badit-serve, whatever the server left.
+"""badit_serve.launch.supervisor: no process the server started outlives badit-serve, whatever the server left.
 
 The fake servers here do what vLLM's API server does on SIGTERM: return while processes it started are
 still alive (one orphaned by its exit, one that ignores SIGTERM)."""
@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from badit_serve.supervisor import supervise
+from badit_serve.launch.supervisor import supervise
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="child subreaper is Linux only")
 

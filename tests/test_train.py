@@ -4,65 +4,17 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.support.training_runs import RESUME_OVERRIDES, TASKS, InterruptAfter, train_cli, train_overrides
 from training.checkpoint import latest_checkpoint, load_checkpoint
 from training.cli.export import main as export_main
-from training.cli.train import main as train_main
 from training.config import load_config
-from training.hooks import TrainerHook, TrainState
 from training.run import RunError, run
 
 pytestmark = pytest.mark.train
-
-TASKS = [
-    "task363_sst2_polarity_classification",
-    "task073_commonsenseqa_answer_generation",
-    "task1290_xsum_summarization",
-]
-
-
-def _overrides(model_dir: Path, superni_dir: Path, out: Path, **extra: object) -> list[str]:
-    base = {
-        "model.name_or_path": str(model_dir),
-        "data.superni_dir": str(superni_dir),
-        "data.tasks": "[" + ", ".join(TASKS[:2]) + "]",
-        "data.max_train_per_task": 6,
-        "data.max_test_per_task": 2,
-        "data.max_length": 256,
-        "data.max_target_tokens": 8,
-        "adapter.rank": 2,
-        "train.batch_size": 2,
-        "train.max_steps": 3,
-        "train.lr": 0.01,
-        "eval.max_new_tokens": 4,
-        "eval.batch_size": 4,
-        "output.dir": str(out),
-        "output.log_every": 1,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-class InterruptAfter(TrainerHook):
-    """Test-only hook: a KeyboardInterrupt right after global step `step` (after its checkpoint)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, state: TrainState) -> None:
-        if state.global_step == self.step:
-            raise KeyboardInterrupt(f"interrupted after step {state.global_step} (test hook)")
-
-
-def _cli(overrides: list[str], *flags: str) -> int:
-    args = ["--no-progress", *flags]
-    for item in overrides:
-        args += ["--set", item]
-    return train_main(args)
 
 
 @pytest.mark.parametrize(
@@ -77,7 +29,7 @@ def test_every_method_trains_evaluates_and_exports(
         "adapter.dog.schedule": "every_n_steps",
         "adapter.dog.every_n_steps": 2,
     }
-    assert _cli(_overrides(tiny_model_dirs["llama"], superni_dir, out, **extra)) == 0
+    assert train_cli(train_overrides(tiny_model_dirs["llama"], superni_dir, out, **extra)) == 0
     assert "Rouge-L" in capsys.readouterr().out
     for name in ("config.yaml", "metrics.jsonl", "scores.json", "report.md", "plots/loss.png"):
         assert (out / name).is_file(), name
@@ -98,32 +50,23 @@ def test_every_method_trains_evaluates_and_exports(
 
 
 def test_run_dir_with_results_needs_force(tiny_model_dirs, superni_dir, tmp_path) -> None:
-    overrides = _overrides(
+    overrides = train_overrides(
         tiny_model_dirs["llama"], superni_dir, tmp_path / "run", **{"eval.enabled": "false"}
     )
-    assert _cli(overrides) == 0
+    assert train_cli(overrides) == 0
     with pytest.raises(RunError, match="--force"):
         run(load_config(None, overrides), tmp_path / "run", show_progress=False)
-    assert _cli(overrides, "--force") == 0
-
-
-RESUME_OVERRIDES = {
-    "train.max_steps": 6,
-    "output.checkpoint_every": 1,
-    "adapter.dropout": 0.1,
-    "eval.enabled": "false",
-    "adapter.dog.schedule": "every_n_steps",
-    "adapter.dog.every_n_steps": 4,
-}
-"""A short run with a checkpoint every step, dropout and a DOG regroup: what the kill-and-resume tests run."""
+    assert train_cli(overrides, "--force") == 0
 
 
 def test_killed_run_resumes_to_identical_weights(tiny_model_dirs, superni_dir, tmp_path) -> None:
     extra = {**RESUME_OVERRIDES, "train.grad_accum": 2}
-    whole = load_config(None, _overrides(tiny_model_dirs["qwen3"], superni_dir, tmp_path / "whole", **extra))
+    whole = load_config(
+        None, train_overrides(tiny_model_dirs["qwen3"], superni_dir, tmp_path / "whole", **extra)
+    )
     run(whole, show_progress=False)
     killed = load_config(
-        None, _overrides(tiny_model_dirs["qwen3"], superni_dir, tmp_path / "killed", **extra)
+        None, train_overrides(tiny_model_dirs["qwen3"], superni_dir, tmp_path / "killed", **extra)
     )
     with pytest.raises(KeyboardInterrupt):
         run(killed, show_progress=False, hooks=[InterruptAfter(3)])
@@ -150,9 +93,9 @@ def test_sequential_run_killed_mid_stage_resumes_to_identical_weights(
         "eval.enabled": "false",
     }
     model = tiny_model_dirs["llama"]
-    whole = load_config(None, _overrides(model, superni_dir, tmp_path / "whole", **extra))
+    whole = load_config(None, train_overrides(model, superni_dir, tmp_path / "whole", **extra))
     run(whole, show_progress=False)
-    killed = load_config(None, _overrides(model, superni_dir, tmp_path / "killed", **extra))
+    killed = load_config(None, train_overrides(model, superni_dir, tmp_path / "killed", **extra))
     with pytest.raises(KeyboardInterrupt):
         run(killed, show_progress=False, hooks=[InterruptAfter(2)])
     run(killed, resume=True, show_progress=False)
@@ -172,7 +115,9 @@ def test_sequential_mode_evaluates_every_task_after_each_stage(
         "train.task_order": "[" + ", ".join(reversed(TASKS)) + "]",
         "train.max_steps": 1,
     }
-    cfg = load_config(None, _overrides(tiny_model_dirs["gemma2"], superni_dir, tmp_path / "run", **extra))
+    cfg = load_config(
+        None, train_overrides(tiny_model_dirs["gemma2"], superni_dir, tmp_path / "run", **extra)
+    )
     scores = run(cfg, show_progress=False)
     assert scores["tasks"] == list(reversed(TASKS))
     assert len(scores["matrix"]) == 3 and all(len(row) == 3 and None not in row for row in scores["matrix"])
@@ -193,7 +138,7 @@ def test_sequential_dog_signal_restarts_at_each_task(tiny_model_dirs, superni_di
         "adapter.dog.schedule": "epoch_first_half",
         "eval.enabled": "false",
     }
-    cfg = load_config(None, _overrides(tiny_model_dirs["qwen3"], superni_dir, tmp_path / "run", **extra))
+    cfg = load_config(None, train_overrides(tiny_model_dirs["qwen3"], superni_dir, tmp_path / "run", **extra))
     run(cfg, show_progress=False)
     events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     regroups = [e for e in events if e["event"] == "regroup"]
@@ -219,7 +164,7 @@ def test_torchrun_two_cpu_ranks_match_one_process(
         "adapter.dog.every_n_steps": 2,
     }
     single = load_config(
-        None, _overrides(tiny_llama_default_tokenizer_dir, superni_dir, tmp_path / "one", **extra)
+        None, train_overrides(tiny_llama_default_tokenizer_dir, superni_dir, tmp_path / "one", **extra)
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in each rank (OMP_NUM_THREADS=1): identical SVD initialisation
@@ -238,7 +183,7 @@ def test_torchrun_two_cpu_ranks_match_one_process(
         "training.cli.train",
         "--no-progress",
     ]
-    for item in _overrides(tiny_llama_default_tokenizer_dir, superni_dir, tmp_path / "ddp", **extra):
+    for item in train_overrides(tiny_llama_default_tokenizer_dir, superni_dir, tmp_path / "ddp", **extra):
         args += ["--set", item]
     proc = subprocess.run(
         args,
@@ -259,7 +204,7 @@ def test_torchrun_two_cpu_ranks_match_one_process(
 def test_single_mode_feeds_forward_transfer(tiny_model_dirs, superni_dir, tmp_path) -> None:
     single_cfg = load_config(
         None,
-        _overrides(
+        train_overrides(
             tiny_model_dirs["llama"],
             superni_dir,
             tmp_path / "single",
@@ -272,7 +217,7 @@ def test_single_mode_feeds_forward_transfer(tiny_model_dirs, superni_dir, tmp_pa
     )
     mixed_cfg = load_config(
         None,
-        _overrides(
+        train_overrides(
             tiny_model_dirs["llama"],
             superni_dir,
             tmp_path / "mixed",
@@ -284,7 +229,7 @@ def test_single_mode_feeds_forward_transfer(tiny_model_dirs, superni_dir, tmp_pa
     assert mixed["continual"]["forward"] == pytest.approx(expected)
     bad = load_config(
         None,
-        _overrides(
+        train_overrides(
             tiny_model_dirs["llama"],
             superni_dir,
             tmp_path / "bad",

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from badit_serve.reference import RoutedLinear
-from tests.vllm_fakes import (
+from badit_serve.core.reference import RoutedLinear
+from tests.support.vllm_fakes import (
     D_IN,
     INTER,
     BaseMLP,
@@ -139,12 +139,12 @@ def test_activations_outside_the_table_get_the_concatenation() -> None:
 
 
 def test_lora_b_weight_loader_takes_this_ranks_rows() -> None:
-    from badit_serve.vllm_models.mlp import BaditGate
+    from badit_serve.vllm_models.mlp import GateExpertWeights
 
     block = badit_block()
     full = torch.arange(2 * INTER * K * R, dtype=torch.float32).view(2 * INTER, K * R)  # (d_out, K*R), TP=2
     for rank in (0, 1):
-        gate = BaditGate(block, D_IN, INTER, tp_rank=rank)
+        gate = GateExpertWeights(block, D_IN, INTER, tp_rank=rank)
         gate.lora_b.weight_loader(gate.lora_b, full)
         torch.testing.assert_close(gate.lora_b.data, full[rank * INTER : (rank + 1) * INTER])
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from badit_serve.architectures import BADIT_ARCHITECTURES
+from badit_serve.core.architectures import BADIT_ARCHITECTURES
 
 
 def test_plugin_registers_every_export_architecture() -> None:

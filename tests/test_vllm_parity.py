@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from badit_serve.reference import load_reference_model
-from tests.badit_exports import make_export, reference_scores
-from tests.tiny_models import TINY_VOCAB
+from badit_serve.core.reference import load_reference_model
+from tests.support.badit_exports import make_export, reference_scores
+from tests.support.tiny_models import TINY_VOCAB
 
 LOGPROB_ATOL = 1e-3
 """Both sides compute in float32; observed differences are ~1e-5 (llama, qwen3) to ~2e-4 (gemma2)."""

@@ -1,6 +1,6 @@
 """Resumable checkpoints without pickle: adapter weights, optimiser/scheduler, RNG states, data position, DOG.
 
-A checkpoint is a directory `RunDir.checkpoint(global step)`, written atomically (`badit_serve.atomic`):
+A checkpoint is a directory `RunDir.checkpoint(global step)`, written atomically (`badit_serve.core.atomic`):
 
     tensors.safetensors   adapter.<name>, dog.<name>, optimizer.<param id>.<key>, rng.torch, rng.cuda.<i>
     state.json            format + version, progress (`RunProgress`), optimiser param groups and its
@@ -27,8 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from badit_serve.atomic import atomic_directory, atomic_write_text
-from badit_serve.tensor_files import write_tensors
+from badit_serve.core.atomic import atomic_directory, atomic_write_text
+from badit_serve.core.tensor_files import write_tensors
 from training.adapters import adapted_layers, adapter_state_dict, load_adapter_state_dict
 from training.progress import RunProgress
 from training.run_dir import RunDir

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, PositiveInt, ValidationError
 
-from badit_serve.format import STRICT
+from badit_serve.core.format import STRICT
 from training.adapters.config import AdapterConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"

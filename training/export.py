@@ -1,4 +1,4 @@
-"""Turn an adapted training model into a Badit export directory (format: `badit_serve.format`)."""
+"""Turn an adapted training model into a Badit export directory (format: `badit_serve.core.format`)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from badit_serve.adapter import (
+from badit_serve.core.adapter import (
     AdapterInfo,
     base_dir_fingerprint,
     check_shareable,
     read_base_tensors,
     write_adapter,
 )
-from badit_serve.export_io import ExportError, export_directory, write_export
-from badit_serve.format import (
+from badit_serve.core.export_io import ExportError, export_directory, write_export
+from badit_serve.core.format import (
     EXPERT_MARK,
     BaditBlock,
     Component,
@@ -28,7 +28,7 @@ from badit_serve.format import (
     RoutingTable,
     expert_prefix,
 )
-from badit_serve.tensor_files import write_tensors
+from badit_serve.core.tensor_files import write_tensors
 from training.adapters import AdapterConfig, adapted_layers
 from training.adapters.apply import ADAPTER_CONFIG_ATTR
 from training.loss import mean_token_kl
@@ -193,7 +193,7 @@ def dense_tensors(model: nn.Module, mean_weights: dict[str, list[float]]) -> dic
     return tensors
 
 
-def check_servable(model: nn.Module) -> None:
+def check_exportable(model: nn.Module) -> None:
     """ExportError unless badit_serve's routed math computes every adapted layer (GainLoRA's gates: no)."""
     for name, layer in adapted_layers(model).items():
         if not layer.servable:
@@ -220,7 +220,7 @@ def export_parts(
     task_shares: dict[str, dict[str, list[float]]] | None,
 ) -> ExportParts:
     """The badit block, tensors and routing table of `model`, once it is known to be servable."""
-    check_servable(model)
+    check_exportable(model)
     return ExportParts(
         badit_block(model), export_tensors(model), routing_table(model, dog_history, task_shares)
     )
@@ -260,7 +260,7 @@ def export_adapter(
     task_shares: dict[str, dict[str, list[float]]] | None = None,
     force: bool = False,
 ) -> Path:
-    """Write only the experts, routers and routing table of `model` (see `badit_serve.adapter`), with the
+    """Write only the experts, routers and routing table of `model` (see `badit_serve.core.adapter`), with the
     fingerprint of the base in `model_dir`. Refused when a residual differs from the base weight."""
     parts = export_parts(model, dog_history, task_shares)
     block, tensors = parts.block, parts.tensors

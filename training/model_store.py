@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from badit_serve.atomic import atomic_directory
+from badit_serve.core.atomic import atomic_directory
 
 PREPARED_MARKER = ".badit-prepared.json"
 SMOKE_QUESTION = "What is the capital of France? Answer in one word."

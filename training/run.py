@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from badit_serve.atomic import atomic_write_text
+from badit_serve.core.atomic import atomic_write_text
 from training.adapters import apply_adapters
 from training.checkpoint import (
     TrainingState,

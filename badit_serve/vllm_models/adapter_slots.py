@@ -4,13 +4,13 @@
 (resolved from the request's `model` field, listed by /v1/models, kept apart in the prefix cache), and
 vLLM's punica wrapper keeps the per-token slot index of every batch (`_token_lora_indices`, -1 = base).
 `BaditSlotsGateUp` takes the place of each adapted layer's `gate_up_proj` and consumes those indices with
-the Badit routed math in its serving form (`badit_serve.routing`: `ServedExperts` with one slot per
+the Badit routed math in its serving form (`badit_serve.core.routing`: `ServedExperts` with one slot per
 adapter, `SlotIndex`, `served_routing`, `add_served_delta`; the single-export `BaditMLP` runs the same
 functions with one slot) instead of running LoRA kernels:
 
 - It is a `BaseLayerWithLoRA` built by the model itself, so vLLM's LoRA manager registers it as it is
   (no vLLM wrapper matches it) when --lora-target-modules is gate_up_proj; vLLM's loader hands it each
-  adapter's PEFT tensors (`badit_serve.adapter`) through `set_lora(slot, [A; router], B)`, in float32
+  adapter's PEFT tensors (`badit_serve.core.adapter`) through `set_lora(slot, [A; router], B)`, in float32
   (`use_float32_adapter_tensors`), where they are refactorised into balanced factors (float64, once per
   load into a slot): router float32, A' and s * B' in the model dtype, like a single export (on CPU
   through vLLM's prepacked oneDNN GEMM, packed again after every slot change).
@@ -25,8 +25,11 @@ import torch
 from torch import nn
 from vllm.lora.layers import BaseLayerWithLoRA
 
-from badit_serve.adapter import LORA_TARGET, SLOTS_CONFIG_KEY, SlotGeometry
-from badit_serve.routing import (
+from badit_serve.core.adapter import LORA_TARGET, SLOTS_CONFIG_KEY, SlotGeometry
+from badit_serve.internals import token_lora_indices
+from badit_serve.vllm_models.cpu_gemm import prepacked_gemm_factory
+from badit_serve.vllm_models.routing_stats import real_rows, record_slot_routing
+from badit_serve.vllm_models.served_experts import (
     RoutingSpec,
     ServedExperts,
     SlotIndex,
@@ -34,8 +37,6 @@ from badit_serve.routing import (
     add_served_delta,
     served_routing,
 )
-from badit_serve.vllm_models.cpu_gemm import prepacked_gemm_factory
-from badit_serve.vllm_models.routing_stats import real_rows, record_slot_routing
 
 ADAPTER_TENSOR_DTYPE = torch.float32
 """The dtype vLLM's LoRA loader must give adapter tensors (see `use_float32_adapter_tensors`)."""
@@ -145,7 +146,7 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
 
     def token_slots(self, tokens: int) -> SlotIndex:
         """This batch's per-token slots, from vLLM's punica wrapper (-1 = base model) and the padding mask."""
-        indices = self.punica_wrapper._token_lora_indices[:tokens]  # (T,) -1 = base model
+        indices = token_lora_indices(self.punica_wrapper, tokens)  # (T,) -1 = base model
         real = real_rows(tokens, self.num_real)  # (T,)
         return SlotIndex.of(indices, self.served.num_slots, real)
 

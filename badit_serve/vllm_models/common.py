@@ -19,8 +19,8 @@ from collections.abc import Iterable
 
 import torch
 
-from badit_serve.adapter import SlotGeometry
-from badit_serve.format import BaditBlock
+from badit_serve.core.adapter import SlotGeometry
+from badit_serve.core.format import BaditBlock
 from badit_serve.vllm_models.adapter_slots import (
     BaditSlotsGateUp,
     install_slot_layers,

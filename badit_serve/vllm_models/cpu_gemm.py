@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from badit_serve.routing import Gemm, GemmFactory, TorchGemm
+from badit_serve.core.cpu_features import native_bf16
+from badit_serve.internals import onednn_available, onednn_matmul, onednn_pack
+from badit_serve.vllm_models.served_experts import Gemm, GemmFactory, TorchGemm
 
 PRIMITIVE_CACHE_SIZE = 32
 """oneDNN primitives cached per handler, keyed by the number of tokens (vLLM's own linear layers: 32)."""
@@ -33,28 +35,23 @@ class OneDnnGemm:
     """vLLM's `CPUDNNLGEMMHandler` (the packed weight lives behind its `handler_tensor`)."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from vllm import _custom_ops as ops
-
-        return ops.onednn_mm(self.handler, x, None)  # (T, n)
+        return onednn_matmul(self.handler, x)  # (T, n)
 
 
 def onednn_gemm(weight: torch.Tensor) -> Gemm:
-    """The prepacked Gemm of weight (n, k); the plain matmul if oneDNN refuses it (as vLLM falls back)."""
-    from vllm import _custom_ops as ops
-
+    """The prepacked Gemm of weight (n, k); the plain matmul for bfloat16 where the CPU feature probe says
+    this CPU has no native bfloat16 (`badit_serve.core.cpu_features`), and wherever oneDNN refuses the weight
+    (as vLLM falls back)."""
+    if weight.dtype == torch.bfloat16 and not native_bf16():
+        return TorchGemm(weight)
     try:
-        return OneDnnGemm(ops.create_onednn_mm(weight.t(), PRIMITIVE_CACHE_SIZE))  # packs W.T (k, n)
+        return OneDnnGemm(onednn_pack(weight.t(), PRIMITIVE_CACHE_SIZE))  # packs W.T (k, n)
     except RuntimeError:
         return TorchGemm(weight)
 
 
 def prepacked_gemm_factory(device: torch.device) -> GemmFactory:
     """`onednn_gemm` on a CPU build of vLLM with oneDNN (not on POWER, as vLLM), `TorchGemm` elsewhere."""
-    if device.type != "cpu":
-        return TorchGemm
-    from vllm import _custom_ops as ops
-    from vllm.platforms import CpuArchEnum, current_platform
-
-    if not ops._supports_onednn or current_platform.get_cpu_architecture() == CpuArchEnum.POWERPC:
+    if device.type != "cpu" or not onednn_available():
         return TorchGemm
     return onednn_gemm

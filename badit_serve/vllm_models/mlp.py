@@ -13,7 +13,7 @@ all of it one nested compile region (`routed_mlp`) that torch.compile traces and
 layer calls; the layer then adds the counts into its buffers (`BaditMLP.forward`, through the op
 `torch.ops.badit.add_routing_stats`, see `routing_stats`).
 
-with `badit_serve.routing`'s serving form of the shared math (`ServedExperts`): the router in float32
+with `badit_serve.core.routing`'s serving form of the shared math (`ServedExperts`): the router in float32
 (top-k on float32 logits like the reference), A' and s * B' in the model dtype, the experts refactorised
 into balanced factors once after loading, so bfloat16 serving never subtracts two large BAD terms.
 
@@ -36,20 +36,19 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from badit_serve.format import EXPERT_MARK, BaditBlock, expert_prefix
-from badit_serve.routing import (
+from badit_serve.core.format import EXPERT_MARK, BaditBlock, expert_prefix
+from badit_serve.core.routing import routing_weights
+from badit_serve.core.servable import check_block_servable
+from badit_serve.vllm_models.cpu_gemm import prepacked_gemm_factory
+from badit_serve.vllm_models.gated_act import gated_activation
+from badit_serve.vllm_models.routing_stats import new_real_row_count, routing_increments
+from badit_serve.vllm_models.served_experts import (
     RoutingSpec,
     ServedExperts,
-    routing_weights,
     served_delta,
     served_router_logits,
     weigh_experts,
 )
-from badit_serve.vllm_models.cpu_gemm import prepacked_gemm_factory
-from badit_serve.vllm_models.gated_act import gated_activation
-from badit_serve.vllm_models.routing_stats import new_real_row_count, routing_increments
-
-SUPPORTED_TARGETS = ["gate_proj"]
 
 
 def read_badit_block(hf_config: object) -> BaditBlock:
@@ -60,20 +59,11 @@ def read_badit_block(hf_config: object) -> BaditBlock:
             "this model's config.json has no 'badit' block: Badit*ForCausalLM classes serve Badit exports only"
         )
     block = BaditBlock.model_validate(raw)
-    check_servable(block)
+    check_block_servable(block)
     return block
 
 
-def check_servable(block: BaditBlock) -> None:
-    """Raise ValueError unless the experts sit on gate_proj only (what BaditMLP implements)."""
-    if list(block.target_modules) != SUPPORTED_TARGETS:
-        raise ValueError(
-            f"badit.target_modules={block.target_modules} cannot be served: the vLLM Badit classes route "
-            f"experts on the MLP gate projection only (target_modules must be exactly {SUPPORTED_TARGETS})"
-        )
-
-
-class BaditGate(nn.Module):
+class GateExpertWeights(nn.Module):
     """The routed experts of one gate_proj as loaded: `lora_a` (K*R, d_in) and `router` (K, d_in)
     replicated, `lora_b` (I_local, K*R) this rank's rows of the (d_out, K*R) tensor. All float32 (the trained
     values, which the float64 refactorisation of `to_served` starts from)."""
@@ -133,7 +123,9 @@ class BaditMLP(nn.Module):
         self.gated_act = gated_activation(act_fn)
         """act_fn on the gate and up halves apart (`gated_act`), or None: act_fn on their concatenation."""
         self.intermediate_local = int(gate_up_proj.output_partition_sizes[0])
-        self.badit_gate = BaditGate(block, int(gate_up_proj.input_size), self.intermediate_local, tp_rank)
+        self.badit_gate = GateExpertWeights(
+            block, int(gate_up_proj.input_size), self.intermediate_local, tp_rank
+        )
         self.spec = RoutingSpec(block.num_experts, block.top_k, block.router, block.gate_scale)
         self.served: ServedExperts | None = None  # set by prepare_served
         self.fused_rows = 0
@@ -232,7 +224,7 @@ def route_and_count(
     mode: str,
     gate_scale: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One routed layer's routing (`badit_serve.routing`: float32 router logits, weights, the weighted
+    """One routed layer's routing (`badit_serve.core.routing`: float32 router logits, weights, the weighted
     expert activations) and its routing statistics over the real rows (`routing_stats`).
 
     x: (T, d_in); hidden: (T, K*R) = A' x in the model dtype; router: (K, d_in) float32, no rows in mode

@@ -21,13 +21,15 @@ recording does with `num_unpadded_tokens`, the model's (uncompiled) outer forwar
 rows into one 0-dim device tensor per model (`count_real_tokens`), shared by every routed layer, which
 reads it as `real_rows` inside the graph. Without a forward context or mask (tests, other runners) every row
 counts. The counts include profiling and warm-up runs, so the host-side collector zeroes the buffers when
-the server says start (see `badit_serve.expert_metrics`).
+the server says start (see `badit_serve.metrics.expert_metrics`).
 """
 
 from __future__ import annotations
 
 import torch
 from torch.library import Library
+
+from badit_serve.internals import padding_mask
 
 LIBRARY = Library("badit", "FRAGMENT")
 """Owns `torch.ops.badit.*` (an operator lives as long as its library object)."""
@@ -44,9 +46,7 @@ def new_real_row_count(device: torch.device | str | None = None) -> torch.Tensor
 def count_real_tokens(num_real: torch.Tensor) -> None:
     """Write this forward pass's number of real (non-padding) rows into `num_real` (0-dim int64), reading
     vLLM's padding mask on the device (no host sync; a CUDA graph capturing this reads the live mask)."""
-    from vllm.forward_context import get_forward_context, is_forward_context_available
-
-    is_padding = get_forward_context().is_padding if is_forward_context_available() else None
+    is_padding = padding_mask()  # (T_padded,) or None
     if is_padding is None:
         num_real.fill_(ALL_ROWS)
         return

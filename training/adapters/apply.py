@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from badit_serve.architectures import SUPPORTED_MODEL_TYPES
+from badit_serve.core.architectures import SUPPORTED_MODEL_TYPES
 from training.adapters.branches import BranchLinear, GatedBranchLinear
 from training.adapters.config import AdapterConfig
 from training.adapters.layer import LayerSpec, RoutedAdapterLinear, StoredInit

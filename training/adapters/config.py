@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from badit_serve.format import STRICT
-from badit_serve.routing import RouterMode
+from badit_serve.core.format import STRICT
+from badit_serve.core.routing import RouterMode
 
 InitMode = Literal["bad", "bad-residual", "lora", "pissa", "olora"]
 Branching = Literal["sum", "gated"]

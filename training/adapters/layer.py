@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from badit_serve.routing import RouterMode, routed_delta, router_logits, routing_weights
+from badit_serve.core.routing import RouterMode, routed_delta, router_logits, routing_weights
 from training.adapters.init import kaiming_lora_a, olora_factors, top_singular_components
 
 

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from badit_serve.exit_codes import run_cli
+from badit_serve.core.exit_codes import run_cli
 from training.config import DEFAULT_MODEL, SUPERNI_DIR_ENV, DataConfig
 from training.data.superni import DataError, load_tasks
 from training.model_store import ModelNotFoundError, resolve_model

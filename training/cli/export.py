@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from badit_serve.exit_codes import run_cli
-from badit_serve.export_io import ExportError
+from badit_serve.core.exit_codes import run_cli
+from badit_serve.core.export_io import ExportError
 from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, restore_training_state
 from training.config import ConfigError, RunConfig, load_config
 from training.data import DataError, Task, encode_eval_prompts, load_tasks
 from training.eval import evaluate_tasks
 from training.export import (
-    check_servable,
+    check_exportable,
     export_adapter,
     export_dense,
     export_model,
@@ -60,7 +60,7 @@ def export_run(
     model_dir = resolve_model(cfg.model.name_or_path)
     state = load_checkpoint(checkpoint)
     model = build_model(cfg, model_dir, device=torch.device("cpu"), stored_state=state.adapter)
-    check_servable(model)
+    check_exportable(model)
     restore_training_state(state, model)
     model.eval()
     history = [

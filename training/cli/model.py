@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from badit_serve.exit_codes import run_cli
+from badit_serve.core.exit_codes import run_cli
 from training.model_store import ALIASES, ModelNotFoundError, prepare, resolve_model, smoke_answer
 
 

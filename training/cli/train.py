@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from badit_serve.exit_codes import run_cli
+from badit_serve.core.exit_codes import run_cli
 from training.checkpoint import CheckpointError
 from training.config import ConfigError, load_config
 from training.data import DataError

@@ -13,7 +13,7 @@ What vLLM 0.32 bounds by itself (badit-serve sets or uses these options):
   - HTTP header abuse: `--h11-max-incomplete-event-size`, `--h11-max-header-count`;
   - the bearer key (`--api-key`) only on paths under /v1, /v2, /inference and /cohere.
 
-What `BaditGate` (an ASGI middleware installed by the endpoint plugin, inside vLLM's key check) adds:
+What `RequestGate` (an ASGI middleware installed by the endpoint plugin, inside vLLM's key check) adds:
   - the key on every other route except the open ones (`OPEN_PATHS`: /health, /metrics, ...). vLLM leaves
     `/invocations` (the same inference as /v1) and `/tokenize` open;
   - 413 for a body over `max_body_bytes` (Content-Length, or counted while reading a chunked body);
@@ -230,7 +230,7 @@ def replay(body: bytes, receive: Receive) -> Receive:
     return receive_again
 
 
-class BaditGate:
+class RequestGate:
     """Pure ASGI middleware: key on non-open routes, body and field limits, Retry-After on 429/503."""
 
     def __init__(self, app: ASGIApp, limits: RequestLimits, api_keys: list[str]) -> None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from badit_serve.format import BaditBlock
+from badit_serve.core.format import BaditBlock
 
 D_IN, INTER, K, R = 16, 12, 4, 2
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from badit_serve.routing import RouterMode
+from badit_serve.core.routing import RouterMode
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -59,7 +59,7 @@ class BaditBlock(BaseModel):
     gate_scale: float = Field(gt=0)
     """Multiplier on the softmax routing weights."""
     router: RouterMode
-    """Routing mode (see badit_serve.routing.routing_weights)."""
+    """Routing mode (see badit_serve.core.routing.routing_weights)."""
     target_modules: list[str] = Field(min_length=1)
     """Adapted module names, e.g. ['gate_proj']."""
     adapted_modules: list[str] = Field(min_length=1)

@@ -1,6 +1,6 @@
 """badit-serve started by a serving test (one command line for every fixture), and a streaming chat client.
 
-Starting, health polling and stopping are `badit_serve.server_process`; a `ServerError` becomes a
+Starting, health polling and stopping are `badit_serve.launch.server_process`; a `ServerError` becomes a
 `pytest.fail` carrying the server's log tail, without a traceback through the helper."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from badit_serve.server_process import ServerError, ServerProcess, free_port, start_server
+from badit_serve.launch.server_process import ServerError, ServerProcess, free_port, start_server
 
 BADIT_SERVE = str(Path(sys.executable).with_name("badit-serve"))
 STARTUP_TIMEOUT_S = 300

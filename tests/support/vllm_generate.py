@@ -1,6 +1,6 @@
 """Run greedy generation of a Badit export in vLLM, in its own process (used by test_vllm_parity).
 
-    python tests/vllm_generate.py REQUEST.json RESULT.json
+    python tests/support/vllm_generate.py REQUEST.json RESULT.json
 
 REQUEST: {"export": dir, "prompts": [[token ids]], "max_tokens": n, "tensor_parallel_size": tp (default 1),
 "enforce_eager": bool (default true; false = vLLM's torch.compile mode), "dtype" (default float32). RESULT: [{"token_ids", "logprobs"}] with

@@ -1,4 +1,4 @@
-"""Per-adapter expert counters in multi-adapter mode (the worker side; see `badit_serve.expert_metrics`).
+"""Per-adapter expert counters in multi-adapter mode (the worker side; see `badit_serve.metrics.expert_metrics`).
 
 Every `BaditSlotsGateUp` accumulates (S, K) selected-token counts and routing-weight sums per adapter
 slot. vLLM's LoRA manager may give a slot to another adapter between steps; the layer then calls
@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from badit_serve.expert_metrics import UNLABELLED, ExpertCounters, LayerTotals, layer_label, make_counters
+from badit_serve.metrics.expert_metrics import (
+    UNLABELLED,
+    ExpertCounters,
+    LayerTotals,
+    layer_label,
+    make_counters,
+)
 
 if TYPE_CHECKING:
     from badit_serve.vllm_models.adapter_slots import BaditSlotsGateUp

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from badit_serve.internals import engine_output_handler
+
 
 def end_requests_when_engine_stops(engine_client: Any) -> bool:
     """On a cancelled output handler, fail every request still waiting with EngineDeadError (as vLLM's own
@@ -23,10 +25,10 @@ def end_requests_when_engine_stops(engine_client: Any) -> bool:
     AsyncLLM, or its handler not started in this event loop)."""
     from vllm.v1.engine.exceptions import EngineDeadError
 
-    handler: asyncio.Task | None = getattr(engine_client, "output_handler", None)
-    processor = getattr(engine_client, "output_processor", None)
-    if handler is None or processor is None:
+    found = engine_output_handler(engine_client)
+    if found is None:
         return False
+    handler, processor = found
 
     def on_done(task: asyncio.Task) -> None:
         if task.cancelled():

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from badit_serve.adapter import check_base, load_adapter
-from badit_serve.export_io import ExportError, LoadedExport, load_export
-from badit_serve.format import BaditBlock
-from badit_serve.routing import routed_delta, router_logits, routing_weights
+from badit_serve.core.adapter import check_base, load_adapter
+from badit_serve.core.export_io import ExportError, LoadedExport, load_export
+from badit_serve.core.format import BaditBlock
+from badit_serve.core.routing import routed_delta, router_logits, routing_weights
 
 
 class RoutedLinear(nn.Module):
@@ -97,7 +97,7 @@ def load_reference_model(
 def load_reference_adapter(
     base_dir: str | Path, adapter_dir: str | Path, dtype: torch.dtype = torch.float32
 ) -> nn.Module:
-    """A base model directory plus an adapter directory (`badit_serve.adapter`) as one routed model;
+    """A base model directory plus an adapter directory (`badit_serve.core.adapter`) as one routed model;
     refused when the adapter was trained on another base."""
     adapter = load_adapter(adapter_dir)
     check_base(adapter, Path(base_dir))

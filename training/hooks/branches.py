@@ -1,4 +1,4 @@
-"""Trainer hook of the per-task-branch methods (O-LoRA, GainLoRA); installed from `hooks.HOOK_FACTORIES`.
+"""Trainer hook of the per-task-branch methods (O-LoRA, GainLoRA); installed from `training.hooks.registry.HOOK_FACTORIES`.
 
 on_stage_start     check a branch is left; GainLoRA: the new gate's key is the direction of most
                    energy in this task's inputs orthogonal to earlier tasks' (initialisation constraint);
@@ -27,7 +27,7 @@ from training.adapters.branches import (
 )
 from training.adapters.config import BranchConfig
 from training.data import TrainExample, collate_train
-from training.hooks import TrainerHook, TrainState
+from training.hooks.base import TrainerHook, TrainState
 
 
 def branch_layers(model: nn.Module) -> dict[str, BranchLinear]:

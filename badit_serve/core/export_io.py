@@ -1,4 +1,4 @@
-"""Write and validate Badit export directories (see `badit_serve.format`).
+"""Write and validate Badit export directories (see `badit_serve.core.format`).
 
 Writing is atomic: everything goes to a temporary sibling directory that is renamed into place, so an
 interrupted export never leaves a half-written OUT_DIR. Reading validates everything and raises
@@ -19,9 +19,9 @@ import torch
 from pydantic import ValidationError
 from safetensors import safe_open
 
-from badit_serve.architectures import BADIT_ARCHITECTURES
-from badit_serve.atomic import TargetExistsError, atomic_directory, check_target
-from badit_serve.format import (
+from badit_serve.core.architectures import BADIT_ARCHITECTURES
+from badit_serve.core.atomic import TargetExistsError, atomic_directory, check_target
+from badit_serve.core.format import (
     CONFIG_FILE,
     EXPERT_MARK,
     FORMAT_VERSION,
@@ -36,7 +36,7 @@ from badit_serve.format import (
     expert_prefix,
     expert_tensor_shapes,
 )
-from badit_serve.tensor_files import write_tensors
+from badit_serve.core.tensor_files import write_tensors
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
@@ -156,7 +156,7 @@ class LoadedExport:
         return {k: v for k, v in self.tensors.items() if k not in expert_names}
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     if not path.is_file():
         raise ExportError(f"{path}: missing")
     try:
@@ -167,7 +167,7 @@ def _read_json(path: Path) -> dict:
 
 def read_block(export_dir: Path) -> tuple[dict, BaditBlock]:
     """config.json and its validated `badit` block (cheap: no weights read)."""
-    config = _read_json(export_dir / CONFIG_FILE)
+    config = read_json(export_dir / CONFIG_FILE)
     raw = config.get("badit")
     if not isinstance(raw, dict):
         raise ExportError(f"{export_dir / CONFIG_FILE}: no 'badit' block (not a Badit export)")
@@ -192,9 +192,9 @@ def read_block(export_dir: Path) -> tuple[dict, BaditBlock]:
     return config, block
 
 
-def _verify_manifest(export_dir: Path, verify_checksums: bool) -> Manifest:
+def verify_manifest(export_dir: Path, verify_checksums: bool) -> Manifest:
     try:
-        manifest = Manifest.model_validate(_read_json(export_dir / MANIFEST_FILE))
+        manifest = Manifest.model_validate(read_json(export_dir / MANIFEST_FILE))
     except ValidationError as exc:
         raise ExportError(f"{export_dir / MANIFEST_FILE}: invalid manifest: {exc}") from exc
     for name, entry in manifest.files.items():
@@ -211,7 +211,7 @@ def _verify_manifest(export_dir: Path, verify_checksums: bool) -> Manifest:
 def _read_tensors(export_dir: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
     files = [WEIGHTS_FILE]
     if WEIGHTS_INDEX_FILE in manifest.files:
-        index = _read_json(export_dir / WEIGHTS_INDEX_FILE)
+        index = read_json(export_dir / WEIGHTS_INDEX_FILE)
         files = sorted(set(index.get("weight_map", {}).values()))
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
@@ -260,10 +260,10 @@ def load_export(export_dir: str | Path, verify_checksums: bool = True) -> Loaded
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise ExportError(f"{export_dir}: not a directory")
-    manifest = _verify_manifest(export_dir, verify_checksums)
+    manifest = verify_manifest(export_dir, verify_checksums)
     config, block = read_block(export_dir)
     try:
-        table = RoutingTable.model_validate(_read_json(export_dir / ROUTING_TABLE_FILE))
+        table = RoutingTable.model_validate(read_json(export_dir / ROUTING_TABLE_FILE))
     except ValidationError as exc:
         raise ExportError(f"{export_dir / ROUTING_TABLE_FILE}: invalid routing table: {exc}") from exc
     tensors = _read_tensors(export_dir, manifest)

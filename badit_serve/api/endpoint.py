@@ -4,7 +4,7 @@ vLLM 0.32 loads endpoint plugins only when named in VLLM_PLUGINS (badit-serve ad
 runs in `build_app`; `init_state` runs in `init_app_state`, after the engine has started (profiling and
 warm-up done) and before the server accepts requests: that is where the worker is told to zero its
 routing statistics and start counting (`BaditWorkerExtension.badit_start_counting`). The route sits under
-/v1, so vLLM's --api-key middleware guards it. `attach_router` also installs `BaditGate` (badit_serve/limits.py:
+/v1, so vLLM's --api-key middleware guards it. `attach_router` also installs `RequestGate` (badit_serve/api/limits.py:
 request limits, the key on non-/v1 routes, Retry-After), configured by $BADIT_REQUEST_LIMITS.
 """
 
@@ -19,14 +19,14 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 
-from badit_serve.adapter import SLOTS_CONFIG_KEY
-from badit_serve.adapter_endpoint import AdapterServingState, attach_adapter_routes, init_adapter_state
-from badit_serve.engine_stop import end_requests_when_engine_stops
-from badit_serve.expert_metrics import layer_label
-from badit_serve.export_io import read_block
-from badit_serve.format import ROUTING_TABLE_FILE, BaditBlock, RoutingTable
-from badit_serve.limits import BaditGate, RequestLimits, api_keys
-from badit_serve.schemas import ExpertCounts, ExpertsResponse, LayerCounts
+from badit_serve.api.adapter_endpoint import AdapterServingState, attach_adapter_routes, init_adapter_state
+from badit_serve.api.engine_stop import end_requests_when_engine_stops
+from badit_serve.api.limits import RequestGate, RequestLimits, api_keys
+from badit_serve.api.schemas import ExpertCounts, ExpertsResponse, LayerCounts
+from badit_serve.core.adapter import SLOTS_CONFIG_KEY
+from badit_serve.core.export_io import read_block
+from badit_serve.core.format import ROUTING_TABLE_FILE, BaditBlock, RoutingTable
+from badit_serve.metrics.expert_metrics import layer_label
 
 logger = logging.getLogger(__name__)
 EXPERTS_PATH = "/v1/badit/experts"
@@ -130,7 +130,7 @@ class BaditEndpointPlugin:
         app.include_router(router)
         # Added before vLLM's own middleware (build_app), so it sits inside vLLM's key check.
         limits = RequestLimits.from_env(os.environ)
-        app.add_middleware(BaditGate, limits=limits, api_keys=api_keys(getattr(app.state, "args", None)))
+        app.add_middleware(RequestGate, limits=limits, api_keys=api_keys(getattr(app.state, "args", None)))
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is None:

@@ -1,6 +1,6 @@
 """`BaditWorkerExtension`: worker-side RPC methods for the expert metrics.
 
-badit-serve passes `--worker-extension-cls badit_serve.worker_extension.BaditWorkerExtension`; vLLM 0.32
+badit-serve passes `--worker-extension-cls badit_serve.metrics.worker_extension.BaditWorkerExtension`; vLLM 0.32
 mixes the class into its Worker (`vllm/v1/worker/worker_base.py`), so the API server can call the methods
 by name with `engine_client.collective_rpc("badit_start_counting")`. RPCs run in the worker's main loop
 between model steps, never during a forward pass.
@@ -13,9 +13,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from badit_serve.adapter_metrics import AdapterStatsCollector
-from badit_serve.expert_metrics import ExpertStatsCollector
-from badit_serve.format import ROUTING_TABLE_FILE
+from badit_serve.core.format import ROUTING_TABLE_FILE
+from badit_serve.internals import lora_slot_ids
+from badit_serve.metrics.adapter_metrics import AdapterStatsCollector
+from badit_serve.metrics.expert_metrics import ExpertStatsCollector
 
 
 def _expert_labels(model_dir: str) -> dict[str, str]:
@@ -57,9 +58,9 @@ class BaditWorkerExtension:
         if getattr(model, "badit_slots", None) is None:
             return None
         if self._badit_adapter_collector is None:
-            manager = self.model_runner.lora_manager._adapter_manager  # type: ignore[attr-defined]
+            slot_ids = lora_slot_ids(self.model_runner)  # type: ignore[attr-defined]
             self._badit_adapter_collector = AdapterStatsCollector(
-                dict(model.badit_slot_layers), lambda: manager.lora_index_to_id, report=self._badit_report()
+                dict(model.badit_slot_layers), slot_ids, report=self._badit_report()
             )
         return self._badit_adapter_collector
 

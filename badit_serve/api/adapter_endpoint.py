@@ -4,7 +4,7 @@
     POST   /v1/badit/adapters          {"name", "path"}: validate, then load at runtime
     DELETE /v1/badit/adapters/{name}   unload: new requests for NAME get 404 from vLLM; requests already
                                        running keep their LoRARequest and finish with NAME's experts
-    GET    /v1/badit/experts?adapter=NAME   per-adapter expert counts (see badit_serve.endpoint)
+    GET    /v1/badit/experts?adapter=NAME   per-adapter expert counts (see badit_serve.api.endpoint)
 
 A refused adapter (wrong base fingerprint, other expert shapes, bad checksum, missing file) gets a 4xx
 naming the reason and changes nothing; the other adapters keep serving. Loading goes through vLLM's own
@@ -23,15 +23,15 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, ConfigDict
 
-from badit_serve.adapter import (
+from badit_serve.core.adapter import (
     SLOTS_CONFIG_KEY,
     LoadedAdapter,
     SlotGeometry,
     base_dir_fingerprint,
     load_adapter,
 )
-from badit_serve.export_io import ExportError
-from badit_serve.multi_adapter import validate_adapter
+from badit_serve.core.adapter_set import validate_adapter
+from badit_serve.core.export_io import ExportError
 
 logger = logging.getLogger(__name__)
 ADAPTERS_PATH = "/v1/badit/adapters"

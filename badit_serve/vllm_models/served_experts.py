@@ -1,14 +1,4 @@
-"""The routed-adapter math, defined once and shared by training, the reference loader and vLLM.
-
-For tokens x (T, d_in) with K experts of rank R each (A_e: (R, d_in), B_e: (d_out, R)):
-
-    delta(x) = s * sum_{e in TopK(x)} w_e(x) * B_e A_e x,    w = gate_scale * softmax(selected logits)
-
-Everything has static shapes: routing produces a dense (T, K) weight matrix via topk + scatter, and the
-experts run as two matmuls over their concatenation (K*R rows of A, K*R columns of B). No `.item()`, no
-data-dependent shapes, so the same code runs under torch.compile and CUDA graphs.
-
-Serving uses the same math in a cheaper arrangement (`ServedExperts`, built once at load):
+"""The routed experts in serving form, built once at load from the math of `badit_serve.core.routing`:
 
 - each expert's product B_e A_e is refactorised in float64 into balanced factors of the same rank
   (`balanced_factors`), so a BAD delta expert ([B, -B0] [A; A0]) is computed as one rank-2r product with no
@@ -29,73 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
-RouterMode = Literal["topk", "dense", "none"]
-
-
-def router_logits(x: torch.Tensor, router: torch.Tensor | None) -> torch.Tensor:
-    """Router logits (T, K) for tokens x (T, d_in) and router weight (K, d_in); (T, 1) zeros when the
-    layer has a single expert and no router (mode 'none')."""
-    if router is None:
-        return x.new_zeros(x.shape[0], 1)  # (T, 1)
-    return x @ router.t()  # (T, K)
-
-
-def routing_weights(
-    logits: torch.Tensor, top_k: int, mode: RouterMode, gate_scale: float | torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense routing weights and the selection mask.
-
-    logits: (T, K) router logits (ignored values for mode 'none', which needs K == 1); gate_scale: a number
-    or a 0-dim tensor (what a compiled region takes: no float argument to specialise on).
-    Returns weights (T, K) — zero outside the selected experts — and selected (T, K) bool.
-    """
-    if mode == "none":
-        selected = torch.ones_like(logits, dtype=torch.bool)  # (T, 1)
-        return torch.ones_like(logits) * gate_scale, selected
-    if mode == "dense":
-        weights = torch.softmax(logits.float(), dim=-1).to(logits.dtype) * gate_scale  # (T, K)
-        return weights, torch.ones_like(logits, dtype=torch.bool)
-    top_logits, top_idx = torch.topk(logits, top_k, dim=-1)  # (T, k), (T, k)
-    top_weights = torch.softmax(top_logits.float(), dim=-1).to(logits.dtype) * gate_scale  # (T, k)
-    weights = torch.zeros_like(logits).scatter(-1, top_idx, top_weights)  # (T, K)
-    selected = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top_idx, True)  # (T, K)
-    return weights, selected
-
-
-def routed_delta(
-    x: torch.Tensor, weights: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
-) -> torch.Tensor:
-    """The weighted sum of the experts' low-rank outputs.
-
-    x: (T, d_in); weights: (T, K); lora_a: (K*R, d_in), expert e's rows at [e*R, (e+1)*R);
-    lora_b: (d_out, K*R), expert e's columns likewise. Returns (T, d_out).
-    """
-    num_tokens, num_experts = weights.shape
-    rank = lora_a.shape[0] // num_experts
-    hidden = x @ lora_a.t()  # (T, K*R)
-    hidden = hidden.view(num_tokens, num_experts, rank) * weights.unsqueeze(-1)  # (T, K, R)
-    return (hidden.view(num_tokens, num_experts * rank) @ lora_b.t()) * scaling  # (T, d_out)
-
-
-def routed_delta_reference(
-    x: torch.Tensor, weights: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
-) -> torch.Tensor:
-    """Slow per-token, per-expert loop computing the same as `routed_delta` (for tests only)."""
-    num_tokens, num_experts = weights.shape
-    rank = lora_a.shape[0] // num_experts
-    out = x.new_zeros(num_tokens, lora_b.shape[0])
-    for t in range(num_tokens):
-        for e in range(num_experts):
-            if weights[t, e] != 0:
-                a_e = lora_a[e * rank : (e + 1) * rank]  # (R, d_in)
-                b_e = lora_b[:, e * rank : (e + 1) * rank]  # (d_out, R)
-                out[t] += scaling * weights[t, e] * (b_e @ (a_e @ x[t]))
-    return out
+from badit_serve.core.routing import RouterMode, router_logits, routing_weights
+from badit_serve.internals import grouped_mm, module_apply
 
 
 def balanced_factors(
@@ -194,7 +123,7 @@ class ServedExperts(nn.Module):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> ServedExperts:
         """Moving or casting the buffers (.to(), .cuda(), ...) makes the Gemms again (they hold the old
         tensors)."""
-        moved = super()._apply(fn, recurse)
+        moved = module_apply(self, fn, recurse)
         self._pack()
         return moved
 
@@ -349,7 +278,7 @@ def _can_group(weight: torch.Tensor, *strides: int) -> bool:
 def _grouped_in_token_order(x: torch.Tensor, stacked: torch.Tensor, slots: SlotIndex) -> torch.Tensor:
     """x (T, k) @ each token's slot of stacked (S, k, n) -> (T, n): one grouped matmul over the tokens sorted
     by slot (`slots.order`, `slots.offsets`), then back in token order."""
-    grouped = torch._grouped_mm(x[slots.order], stacked, offs=slots.offsets)  # (T, n), sorted
+    grouped = grouped_mm(x[slots.order], stacked, slots.offsets)  # (T, n), sorted
     return torch.empty_like(grouped).index_copy_(0, slots.order, grouped)  # (T, n)
 
 

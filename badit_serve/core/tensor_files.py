@@ -1,7 +1,7 @@
 """Writing safetensors files with the errors every Badit command understands.
 
 `safetensors.torch.save_file` reports a full disk (or any failed write) as `SafetensorError`, which is
-not an `OSError`: the commands' error handling (`badit_serve.exit_codes.run_cli`) then printed a traceback
+not an `OSError`: the commands' error handling (`badit_serve.core.exit_codes.run_cli`) then printed a traceback
 instead of one line and exit code 1. `write_tensors` raises an `OSError` naming the file instead.
 """
 

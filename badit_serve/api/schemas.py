@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from badit_serve.format import STRICT, RoutingTable
-from badit_serve.routing import RouterMode
+from badit_serve.core.format import STRICT, RoutingTable
+from badit_serve.core.routing import RouterMode
 
 
 class ExpertCounts(BaseModel):

@@ -19,12 +19,12 @@ command line, e.g. BADIT_SERVE_ARGS="--enforce-eager --served-model-name badit" 
    bfloat16 (float32 on CPU, float16 on GPU), and always the Badit worker extension (the expert-metrics
    RPCs). `--dtype float32` serves in float32.
    The request limits go to the endpoint plugin as $BADIT_REQUEST_LIMITS, and --max-n also to vLLM's own
-   VLLM_MAX_N_SEQUENCES (badit_serve/limits.py says which limit is vLLM's and which is ours).
+   VLLM_MAX_N_SEQUENCES (badit_serve/api/limits.py says which limit is vLLM's and which is ours).
    Also adds --max-num-queued-reqs (vLLM's bound on sequences in flight, 503 beyond it: --max-in-flight ×
    --max-n, a backstop behind the gate's own bound) and --override-generation-config
    '{"max_new_tokens": --max-tokens}' (the default and cap of a request's output) unless given.
 4. Runs vLLM's `serve` command, the Badit model classes registered, in a child process that it
-   supervises (`badit_serve.supervisor`): SIGTERM / SIGINT / SIGHUP are forwarded to it, and once it has
+   supervises (`badit_serve.launch.supervisor`): SIGTERM / SIGINT / SIGHUP are forwarded to it, and once it has
    exited every process it started (EngineCore, workers, multiprocessing's resource tracker) has exited or
    been killed and reaped before `badit-serve` exits, with the server's exit code.
 
@@ -42,17 +42,19 @@ import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
-from badit_serve.exit_codes import EXIT_USAGE
-from badit_serve.export_io import ExportError, load_export
-from badit_serve.limits import ENV_LIMITS, RequestLimits
-from badit_serve.multi_adapter import AdapterSpec, validate_adapter_set, vllm_adapter_args
-from badit_serve.supervisor import supervise
-from badit_serve.vllm_models.mlp import check_servable
+from badit_serve.api.limits import ENV_LIMITS, RequestLimits
+from badit_serve.core.adapter_set import AdapterSpec, validate_adapter_set
+from badit_serve.core.cpu_features import native_bf16
+from badit_serve.core.exit_codes import EXIT_USAGE
+from badit_serve.core.export_io import ExportError, load_export
+from badit_serve.core.servable import check_block_servable
+from badit_serve.launch.supervisor import supervise
+from badit_serve.launch.vllm_options import vllm_adapter_args
 
-WORKER_EXTENSION = "badit_serve.worker_extension.BaditWorkerExtension"
+WORKER_EXTENSION = "badit_serve.metrics.worker_extension.BaditWorkerExtension"
 DEFAULT_MAX_MODEL_LEN = 2048
 DEFAULT_CPU_KVCACHE_GIB = 4
 CPU_ENV_DEFAULTS = {
@@ -133,7 +135,7 @@ def request_limits(opts: argparse.Namespace) -> RequestLimits:
     return RequestLimits(**{field: getattr(opts, field) for field in LIMIT_FLAGS})
 
 
-def export_limits(env: os._Environ[str] | dict[str, str], limits: RequestLimits) -> None:
+def export_limits(env: MutableMapping[str, str], limits: RequestLimits) -> None:
     """Hand the limits to the endpoint plugin, and --max-n to vLLM's own check of `n`."""
     env[ENV_LIMITS] = limits.model_dump_json()
     env["VLLM_MAX_N_SEQUENCES"] = str(limits.max_sequences)
@@ -160,17 +162,6 @@ def default_dtype(on_cpu: bool, supported: list[str], cpu_has_bf16: bool) -> tup
     if on_cpu:
         return "float32", "float32: this CPU has no native bfloat16 (no AVX512-BF16/AMX)"
     return "float16", "float16: this GPU has no bfloat16 (compute capability < 8.0)"
-
-
-def cpu_has_native_bf16() -> bool:
-    """x86: AVX512-BF16 (AMX CPUs have it too); other architectures: what vLLM's platform says."""
-    import platform
-
-    import torch
-
-    if platform.machine().lower() in ("x86_64", "amd64", "i686"):
-        return bool(torch.cpu._is_avx512_bf16_supported())
-    return True
 
 
 def vllm_argv(opts: argparse.Namespace, passthrough: list[str], dtype: str = "bfloat16") -> list[str]:
@@ -209,11 +200,11 @@ def validate_model_dirs(opts: argparse.Namespace) -> list[str]:
         adapter_set = validate_adapter_set(opts.export_dir, specs, opts.max_adapters, verify)
         return vllm_adapter_args(adapter_set)
     bundle = load_export(opts.export_dir, verify_checksums=verify)
-    check_servable(bundle.block)
+    check_block_servable(bundle.block)
     return []  # the engine reads the weights itself
 
 
-def prepare_environment(env: os._Environ[str] | dict[str, str]) -> Path:
+def prepare_environment(env: MutableMapping[str, str]) -> Path:
     """Fresh prometheus multiprocess directory and the plugin allowlist; returns the directory."""
     parent = env.get("PROMETHEUS_MULTIPROC_DIR") or None
     if parent:
@@ -260,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = "float32"
     if not _given(passthrough, "--dtype"):
         supported = [str(d).removeprefix("torch.") for d in current_platform.supported_dtypes]
-        dtype, why = default_dtype(on_cpu, supported, on_cpu and cpu_has_native_bf16())
+        dtype, why = default_dtype(on_cpu, supported, on_cpu and native_bf16())
         print(f"badit-serve: serving in {why}", file=sys.stderr)
     ended = supervise(vllm_server_command(vllm_argv(opts, [*extra, *passthrough], dtype)), os.environ)
     print(
@@ -271,13 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     return ended.exit_code
 
 
-def apply_cpu_defaults(env: os._Environ[str] | dict[str, str]) -> None:
+def apply_cpu_defaults(env: MutableMapping[str, str]) -> None:
     """`CPU_ENV_DEFAULTS` into `env` where a variable is not set (the user's value wins)."""
     for name, value in CPU_ENV_DEFAULTS.items():
         env.setdefault(name, value)
 
 
-SERVER_CODE = "import sys; from badit_serve.cli import run_vllm_server; run_vllm_server(sys.argv[1:])"
+SERVER_CODE = "import sys; from badit_serve.launch.cli import run_vllm_server; run_vllm_server(sys.argv[1:])"
 
 
 def vllm_server_command(vllm_args: list[str]) -> list[str]:

@@ -29,15 +29,15 @@ from pydantic import BaseModel, Field, ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from badit_serve.export_io import (
+from badit_serve.core.export_io import (
     ExportError,
     LoadedExport,
-    _read_json,
-    _verify_manifest,
     export_directory,
+    read_json,
+    verify_manifest,
     write_manifest,
 )
-from badit_serve.format import (
+from badit_serve.core.format import (
     FORMAT_VERSION,
     ROUTING_TABLE_FILE,
     STRICT,
@@ -104,7 +104,7 @@ def read_base_tensors(base_dir: Path, names: list[str]) -> dict[str, torch.Tenso
     """The named tensors of a transformers model directory (single file or sharded)."""
     files = [WEIGHTS_FILE]
     if (base_dir / WEIGHTS_INDEX_FILE).is_file():
-        weight_map = _read_json(base_dir / WEIGHTS_INDEX_FILE).get("weight_map", {})
+        weight_map = read_json(base_dir / WEIGHTS_INDEX_FILE).get("weight_map", {})
         missing = [n for n in names if n not in weight_map]
         if missing:
             raise ExportError(f"{base_dir}: base tensor(s) {missing[:3]} not in {WEIGHTS_INDEX_FILE}")
@@ -127,7 +127,7 @@ def base_dir_fingerprint(
 ) -> str:
     """`base_fingerprint` of a base model directory for the given adapted modules; `tensors`: their
     weights already read with `read_base_tensors` (read here when None)."""
-    config = _read_json(base_dir / "config.json")
+    config = read_json(base_dir / "config.json")
     if tensors is None:
         tensors = read_base_tensors(base_dir, [f"{m}.weight" for m in modules])
     return base_fingerprint(config, {m: tensors[f"{m}.weight"] for m in modules})
@@ -238,10 +238,10 @@ def load_adapter(adapter_dir: str | Path, verify_checksums: bool = True) -> Load
     path = Path(adapter_dir)
     if not path.is_dir():
         raise ExportError(f"{path}: not a directory")
-    _verify_manifest(path, verify_checksums)
+    verify_manifest(path, verify_checksums)
     try:
-        info = AdapterInfo.model_validate(_read_json(path / ADAPTER_INFO_FILE))
-        table = RoutingTable.model_validate(_read_json(path / ROUTING_TABLE_FILE))
+        info = AdapterInfo.model_validate(read_json(path / ADAPTER_INFO_FILE))
+        table = RoutingTable.model_validate(read_json(path / ROUTING_TABLE_FILE))
     except ValidationError as exc:
         raise ExportError(f"{path}: invalid {ADAPTER_INFO_FILE} or {ROUTING_TABLE_FILE}: {exc}") from exc
     if info.format_version != FORMAT_VERSION:

