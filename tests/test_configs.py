@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import yaml
 
+from training.adapters.config import AdapterConfig
 from training.config import ConfigError, RunConfig, dump_config, load_config
+from training.data import load_tasks
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -89,6 +94,164 @@ def test_baselines_differ_from_the_base_only_where_they_say(name: str) -> None:
     assert diff == DIFFERS_FROM_BASE[name]
     assert cfg["output.dir"] == f"runs/{name}"
     assert yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())["base"] == "superni15_mixed.yaml"
+
+
+# What every config resolves to, captured before presets took ownership of their shape (issue 29): the
+# adapter as (method, num_experts, top_k, init, router, alpha, gate_scale, dog, branching), and the data as
+# (number of data.tasks, data.max_train_by_task), (None, None) where not listed.
+RESOLVED_ADAPTER = {
+    "quickstart": ("badit", 8, 4, "bad", "topk", 8.0, 4.0, True, None),
+    "quickstart_b": ("badit", 8, 4, "bad", "topk", 8.0, 4.0, True, None),
+    "superni15_mixed": ("badit", 8, 4, "bad", "topk", 32.0, 4.0, True, None),
+    "superni15_mixed_badit_no_bad": ("badit_no_bad", 8, 4, "lora", "topk", 32.0, 4.0, True, None),
+    "superni15_mixed_badit_no_dog": ("badit_no_dog", 8, 4, "bad", "topk", 32.0, 4.0, False, None),
+    "superni15_mixed_gainlora": ("gainlora", 1, 1, "lora", "dense", 32.0, 1.0, False, "gated"),
+    "superni15_mixed_lora": ("lora", 1, 1, "lora", "none", 32.0, 1.0, False, None),
+    "superni15_mixed_loramoe": ("loramoe", 8, 4, "lora", "topk", 32.0, 4.0, False, None),
+    "superni15_mixed_loramoe_dense": ("loramoe_dense", 4, 4, "lora", "dense", 32.0, 1.0, False, None),
+    "superni15_mixed_o-lora": ("o-lora", 1, 1, "lora", "none", 32.0, 1.0, False, "sum"),
+    "superni15_mixed_olora": ("olora", 1, 1, "olora", "none", 32.0, 1.0, False, None),
+    "superni15_mixed_pissa": ("pissa", 1, 1, "pissa", "none", 32.0, 1.0, False, None),
+    "superni15_sequential": ("badit", 8, 4, "bad", "topk", 32.0, 4.0, True, None),
+    "superni15_sequential_gainlora": ("gainlora", 15, 15, "lora", "dense", 32.0, 1.0, False, "gated"),
+    "superni15_sequential_o-lora": ("o-lora", 1, 1, "lora", "none", 32.0, 1.0, False, "sum"),
+}
+RESOLVED_DATA = {
+    "quickstart": (3, {"task363_sst2_polarity_classification": 240}),
+    "quickstart_b": (3, None),
+}
+
+
+def test_every_config_is_in_the_resolved_table() -> None:
+    assert sorted(RESOLVED_ADAPTER) == [p.stem for p in CONFIGS]
+
+
+@pytest.mark.parametrize("name", sorted(RESOLVED_ADAPTER))
+def test_every_config_resolves_as_before(name: str) -> None:
+    cfg = load_config(CONFIG_DIR / f"{name}.yaml")
+    r, tasks = cfg.adapter.resolved(), cfg.data.tasks
+    got = (
+        cfg.adapter.method,
+        r.num_experts,
+        r.top_k,
+        r.init,
+        r.router,
+        r.alpha,
+        r.gate_scale,
+        r.dog,
+        r.branching,
+    )
+    assert got == RESOLVED_ADAPTER[name]
+    assert (tasks and len(tasks), cfg.data.max_train_by_task) == RESOLVED_DATA.get(name, (None, None))
+
+
+QUICKSTART_TASKS = (
+    "task363_sst2_polarity_classification",
+    "task073_commonsenseqa_answer_generation",
+    "task1290_xsum_summarization",
+)
+
+
+def _write_tasks(root: Path, names: Iterable[str], n_train: int = 12) -> None:
+    """Minimal SuperNI task folders: `n_train` training and 2 test instances each."""
+    for name in names:
+        (root / name).mkdir(parents=True)
+        for split, count in (("train", n_train), ("test", 2)):
+            instances = [{"id": f"{split}-{i}", "input": f"q{i}", "output": ["a"]} for i in range(count)]
+            doc = {"Definition": ["Answer."], "Instances": instances}
+            (root / name / f"{split}.json").write_text(json.dumps(doc))
+
+
+def test_task_override_ignores_the_caps_of_tasks_not_run(tmp_path: Path) -> None:
+    """quickstart.yaml caps sst2 at 240; running xsum alone must not also demand clearing the caps (issue 29)."""
+    _write_tasks(tmp_path, QUICKSTART_TASKS)
+    quickstart = CONFIG_DIR / "quickstart.yaml"
+    cfg = load_config(
+        quickstart, [f"data.superni_dir={tmp_path}", "data.tasks=[task1290_xsum_summarization]"]
+    )
+    with pytest.warns(UserWarning, match="max_train_by_task.*task363_sst2_polarity_classification"):
+        tasks = load_tasks(cfg.data)
+    assert [(t.name, len(t.train)) for t in tasks] == [("task1290_xsum_summarization", 8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every cap names a task of the run: nothing to warn about
+        tasks = load_tasks(load_config(quickstart, [f"data.superni_dir={tmp_path}"]).data)
+    assert [len(t.train) for t in tasks] == [12, 8, 8]
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa", "olora", "o-lora", "gainlora", "loramoe_dense"])
+def test_method_override_takes_the_method_presets_shape(method: str) -> None:
+    """quickstart.yaml writes badit's num_experts 8 and top_k 4; `--set adapter.method=...` alone switches
+    to the new method's shape (issue 29), as if the file had named that method."""
+    cfg = load_config(CONFIG_DIR / "quickstart.yaml", [f"adapter.method={method}"])
+    assert (cfg.adapter.num_experts, cfg.adapter.top_k) == (None, None)
+    assert cfg.adapter.resolved() == AdapterConfig(method=method, rank=8).resolved()
+
+
+def test_shape_written_for_another_method_yields_to_the_preset(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text(
+        "adapter: {method: badit, num_experts: 16, top_k: 2, init: bad-residual, gate_scale: 3.0,\n"
+        "          dog: {enabled: false, every_n_steps: 7}}\n"
+    )
+    for method in ("lora", "badit_no_bad"):
+        (tmp_path / f"{method}.yaml").write_text(f"base: base.yaml\nadapter: {{method: {method}}}\n")
+        adapter = load_config(tmp_path / f"{method}.yaml").adapter
+        assert adapter.resolved() == AdapterConfig(method=method).resolved()  # badit_no_bad: DOG on again
+        assert adapter.dog.every_n_steps == 7  # not a preset field: inherited as before
+    (tmp_path / "rank.yaml").write_text("base: base.yaml\nadapter: {rank: 4}\n")
+    (tmp_path / "again.yaml").write_text("base: base.yaml\nadapter: {method: badit}\n")
+    written_for_badit = (16, 2, "bad-residual", 3.0, False)
+    for path, overrides in (("rank", []), ("again", []), ("lora", ["adapter.method=badit"])):
+        r = load_config(tmp_path / f"{path}.yaml", overrides).adapter.resolved()
+        assert (r.num_experts, r.top_k, r.init, r.gate_scale, r.dog) == written_for_badit, (path, overrides)
+
+
+PRESET_OF_LORA = r" \(preset of adapter\.method='lora'\)"
+
+
+@pytest.mark.parametrize(
+    "config,overrides,message",
+    [
+        (
+            "superni15_mixed_lora",
+            ["adapter.num_experts=4"],
+            r"adapter\.num_experts=4 contradicts adapter\.router='none'" + PRESET_OF_LORA,
+        ),
+        (
+            "quickstart",
+            ["adapter.method=lora", "adapter.num_experts=4"],
+            r"adapter\.num_experts=4 contradicts adapter\.router='none'" + PRESET_OF_LORA,
+        ),
+        (
+            "superni15_mixed_lora",
+            ["adapter.top_k=2"],
+            r"adapter\.top_k=2 contradicts adapter\.num_experts=1" + PRESET_OF_LORA,
+        ),
+        (
+            "superni15_mixed_pissa",
+            ["adapter.num_experts=2"],
+            r"adapter\.num_experts=2 contradicts adapter\.init='pissa'",
+        ),
+        (
+            "quickstart",
+            ["adapter.method=o-lora", "adapter.top_k=2"],
+            r"adapter\.method='o-lora'.*branches\.count.*adapter\.top_k",
+        ),
+    ],
+)
+def test_explicit_shape_that_contradicts_the_method_names_the_field(
+    config: str, overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"(?s){config}\.yaml.*{message}"):
+        load_config(CONFIG_DIR / f"{config}.yaml", overrides)
+
+
+def test_shape_written_with_the_method_in_one_file_is_explicit(tmp_path: Path) -> None:
+    (tmp_path / "lora4.yaml").write_text("adapter: {method: lora, num_experts: 4}\n")
+    with pytest.raises(ConfigError, match=r"adapter\.num_experts=4 contradicts"):
+        load_config(tmp_path / "lora4.yaml")
+    (tmp_path / "routed.yaml").write_text("base: lora4.yaml\nadapter: {router: topk}\n")
+    r = load_config(tmp_path / "routed.yaml").adapter.resolved()  # a router for K experts: consistent again
+    assert (r.num_experts, r.top_k, r.router, r.init) == (4, 1, "topk", "lora")
 
 
 def test_base_chain_merges_sections_and_reports_errors(tmp_path: Path) -> None:

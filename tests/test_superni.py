@@ -86,8 +86,24 @@ def test_max_train_by_task_overrides_the_per_task_count_and_names_unknown_tasks(
         superni_dir=tmp_path, tasks=["taskA", "taskB"], max_train_per_task=2, max_train_by_task={"taskB": 4}
     )
     assert [(t.name, len(t.train)) for t in load_tasks(cfg)] == [("taskA", 2), ("taskB", 4)]
-    with pytest.raises(DataError, match="max_train_by_task names taskC, not among the tasks"):
-        load_tasks(cfg.model_copy(update={"max_train_by_task": {"taskC": 4}}))
+    with pytest.raises(
+        DataError, match=r"max_train_by_task names taskC, taskD: no such task in .*available: taskA"
+    ):
+        load_tasks(cfg.model_copy(update={"max_train_by_task": {"taskD": 1, "taskC": 4, "taskB": 3}}))
+    with pytest.raises(DataError, match="max_train_by_task names taskC"):
+        load_tasks(cfg.model_copy(update={"tasks": None, "max_train_by_task": {"taskC": 4}}))
+
+
+def test_max_train_by_task_ignores_tasks_not_run_with_a_warning(tmp_path: Path) -> None:
+    """A cap for a task of the directory that the run leaves out (e.g. set by a base config for another task
+    list) is unused, not wrong: `data.tasks` decides what runs, and a warning says what was ignored."""
+    for name in ("taskA", "taskB"):
+        write_task(tmp_path, name, [inst(f"{name}-{i}") for i in range(5)], [inst(f"e{name}")])
+    cfg = DataConfig(
+        superni_dir=tmp_path, tasks=["taskA"], max_train_per_task=2, max_train_by_task={"taskB": 4}
+    )
+    with pytest.warns(UserWarning, match="ignoring data.max_train_by_task for taskB, not in data.tasks"):
+        assert [(t.name, len(t.train)) for t in load_tasks(cfg)] == [("taskA", 2)]
     with pytest.raises(ValueError, match="greater than 0"):
         DataConfig(superni_dir=tmp_path, max_train_by_task={"taskA": 0})
 

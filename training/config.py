@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+from functools import reduce
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,7 +12,7 @@ import yaml
 from pydantic import BaseModel, Field, PositiveInt, ValidationError
 
 from badit_serve.core.format import STRICT
-from training.adapters.config import AdapterConfig
+from training.adapters.config import PRESET_FIELDS, AdapterConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SUPERNI_DIR_ENV = "BADIT_SUPERNI_DIR"
@@ -48,7 +50,8 @@ class DataConfig(BaseModel):
     """Keep at most this many training instances per task (first N, deterministic)."""
     max_train_by_task: dict[str, PositiveInt] | None = None
     """Per-task overrides of max_train_per_task, e.g. more examples of a task whose one-token answers
-    carry little of the per-token loss; every key must be one of `tasks` (None: no overrides)."""
+    carry little of the per-token loss (None: no overrides). `tasks` decides what runs: a key that is a
+    task of superni_dir but not one of `tasks` is ignored with a warning; one that is no task is an error."""
     max_test_per_task: int | None = Field(None, ge=1)
     """Keep at most this many test instances per task (first N, deterministic)."""
     prompt_format: Literal["chat", "raw"] = "chat"
@@ -181,8 +184,8 @@ def merge_trees(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The YAML tree of `path` with its `base:` chain merged underneath (cycles are an error)."""
+def _read_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
+    """The YAML trees of `path`'s `base:` chain, deepest base first, `path` last (cycles are an error)."""
     path = path.resolve()
     if path in chain:
         raise ConfigError(f"{path}: base chain loops: {' -> '.join(str(p) for p in (*chain, path))}")
@@ -198,24 +201,72 @@ def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     tree = dict(loaded or {})
     base = tree.pop(BASE_KEY, None)
     if base is None:
-        return tree
+        return [tree]
     if not isinstance(base, str):
         raise ConfigError(f"{path}: {BASE_KEY} must be a path to another config file, got {base!r}")
-    return merge_trees(_read_tree(path.parent / base, (*chain, path)), tree)
+    return [*_read_layers(path.parent / base, (*chain, path)), tree]
+
+
+def _written(section: object, dotted: str) -> bool:
+    """Whether the raw `section` mapping holds the dotted key (a nested key only under a mapping)."""
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        section = section.get(part) if isinstance(section, dict) else None
+    return isinstance(section, dict) and leaf in section
+
+
+def _forget(section: object, dotted: str) -> None:
+    """Remove the dotted key from the raw `section` mapping (nothing when it is absent)."""
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        section = section.get(part) if isinstance(section, dict) else None
+    if isinstance(section, dict):
+        section.pop(leaf, None)
+
+
+def _override_layer(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """The `--set` overrides together as one layer over the config file: the keys they write."""
+    layer: dict[str, Any] = {}
+    for assignment in overrides:
+        apply_override(layer, assignment)
+    return layer
+
+
+def stale_preset_fields(layers: list[dict[str, Any]]) -> list[str]:
+    """The `PRESET_FIELDS` that their last writer wrote while another method than the final one was in force.
+
+    Each layer (a file of the base chain, deepest first, then the `--set` overrides together) writes
+    its values for the method in force once it is applied. A preset field written for the method that
+    ends up in force is explicit and wins over the preset; one written for another method (badit's
+    num_experts in a base of a LoRA config, or in the file under `--set adapter.method=lora`) is stale:
+    the new method's preset owns that field."""
+    method = AdapterConfig.model_fields["method"].default
+    written_for: dict[str, object] = {}
+    for layer in layers:
+        section = layer.get("adapter")
+        if not isinstance(section, dict):
+            continue
+        method = section.get("method", method)
+        written_for.update({name: method for name in PRESET_FIELDS if _written(section, name)})
+    return [name for name, for_method in written_for.items() if for_method != method]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a YAML run config (or the defaults when `path` is None) and apply dotted overrides.
 
     A file may start from another: `base: other.yaml` (relative to the file) loads that one first and
-    lays this file's values over it, so a baseline config lists only what differs from its base."""
-    tree: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        tree = _read_tree(Path(path))
+    lays this file's values over it, so a baseline config lists only what differs from its base.
+    The method preset owns its shape: adapter fields from `PRESET_FIELDS` written for another method
+    than the one finally in force are dropped (see `stale_preset_fields`), so `--set adapter.method=lora`
+    on a badit config needs no `num_experts` / `top_k` of its own."""
+    layers = _read_layers(Path(path)) if path is not None else []
+    tree: dict[str, Any] = copy.deepcopy(reduce(merge_trees, layers, {}))
     for assignment in overrides:
+        # in place: a --set mapping replaces the file's mapping, it does not merge into it as a layer would
         apply_override(tree, assignment)
+    for name in stale_preset_fields([*layers, _override_layer(overrides)]):
+        _forget(tree.get("adapter"), name)
+    source = "<defaults>" if path is None else str(path)
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as exc:

@@ -54,6 +54,11 @@ METHODS: dict[str, MethodPreset] = {
 }
 """The method registry: adding a method is one entry here."""
 
+PRESET_FIELDS: tuple[str, ...] = ("num_experts", "top_k", "init", "router", "gate_scale", "dog.enabled")
+"""Dotted `adapter.` fields whose default comes from the method preset (see `AdapterConfig.resolved`).
+The preset owns them: a value a config layer wrote while another method was in force (a base config, or
+the file under `--set adapter.method=...`) yields to the preset; see `training.config.load_config`."""
+
 
 @dataclass(frozen=True)
 class ResolvedAdapter:
@@ -108,8 +113,10 @@ class BranchConfig(BaseModel):
 class AdapterConfig(BaseModel):
     """Which layers get routed experts, how many, how they are initialised and routed.
 
-    `method` picks a preset; the remaining fields default from it (see `resolved()`), and any field
-    given explicitly wins. Invalid combinations (e.g. top_k > num_experts) are rejected.
+    `method` picks a preset; the `PRESET_FIELDS` default from it (see `resolved()`), and any field
+    given explicitly (not None) wins. Invalid combinations (e.g. top_k > num_experts) are rejected with
+    a message that names the explicit field and the preset it contradicts. `load_config` drops the preset
+    fields a config layer wrote for another method, so switching `method` alone switches the shape.
     """
 
     model_config = STRICT
@@ -155,18 +162,46 @@ class AdapterConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> AdapterConfig:
         r = self.resolved()
-        if r.branching is not None and (self.num_experts, self.top_k, self.router) != (None, None, None):
-            raise ValueError(
-                f"adapter.method={self.method!r} has one branch per task: set adapter.branches.count, "
-                "not adapter.num_experts / top_k / router"
-            )
-        if r.top_k > r.num_experts:
-            raise ValueError(f"adapter.top_k={r.top_k} exceeds adapter.num_experts={r.num_experts}")
-        if r.init in ("pissa", "olora") and r.num_experts != 1:
-            raise ValueError(f"adapter.init={r.init!r} needs adapter.num_experts=1 (use 'bad' for K>1)")
-        if r.router == "none" and r.num_experts != 1:
-            raise ValueError("adapter.router='none' needs adapter.num_experts=1")
+        problem = self._branch_conflict() or self._shape_conflict(r)
+        if problem is not None:
+            raise ValueError(problem)
         return self
+
+    def _explicit(self, name: str) -> bool:
+        """Whether the preset field `name` was given (None, also when written, defers to the preset)."""
+        return getattr(self, name) is not None
+
+    def _branch_conflict(self) -> str | None:
+        """Per-task-branch methods size themselves by branches.count: any explicit shape contradicts them."""
+        given = [f"adapter.{name}" for name in ("num_experts", "top_k", "router") if self._explicit(name)]
+        if METHODS[self.method].branching is None or not given:
+            return None
+        return (
+            f"adapter.method={self.method!r} has one branch per task, sized by adapter.branches.count: "
+            f"drop {', '.join(given)}"
+        )
+
+    def _shape_conflict(self, r: ResolvedAdapter) -> str | None:
+        """The first resolved invariant that fails, naming its two fields (explicit first)."""
+        if r.top_k > r.num_experts:
+            return self._clash("top_k", "num_experts", r, "top_k cannot exceed num_experts")
+        if r.init in ("pissa", "olora") and r.num_experts != 1:
+            return self._clash(
+                "num_experts", "init", r, f"init {r.init!r} takes one expert (use 'bad' for K>1)"
+            )
+        if r.router == "none" and r.num_experts != 1:
+            return self._clash("num_experts", "router", r, "router 'none' takes one expert")
+        return None
+
+    def _clash(self, first: str, second: str, r: ResolvedAdapter, why: str) -> str:
+        """`adapter.<a>=.. contradicts adapter.<b>=.. (preset of adapter.method=..): why`, explicit field first."""
+        a, b = sorted((first, second), key=lambda name: not self._explicit(name))
+        return f"{self._said(a, r)} contradicts {self._said(b, r)}: {why}"
+
+    def _said(self, name: str, r: ResolvedAdapter) -> str:
+        """`adapter.<name>=<resolved value>`, marked as the method's preset when not given explicitly."""
+        said = f"adapter.{name}={getattr(r, name)!r}"
+        return said if self._explicit(name) else f"{said} (preset of adapter.method={self.method!r})"
 
     def resolved(self) -> ResolvedAdapter:
         """The method preset merged with the explicitly given fields."""

@@ -12,6 +12,7 @@ by default they are dropped and their ids recorded in `Task.skipped_train` / `Ta
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -126,15 +127,37 @@ def load_raw_task(
 def load_tasks(cfg: DataConfig) -> list[Task]:
     """All tasks of `cfg.superni_dir` (sorted), or `cfg.tasks` in the given order, truncated per task."""
     root = require_superni_dir(cfg.superni_dir)
-    names = cfg.tasks if cfg.tasks is not None else list_tasks(root)
+    available = list_tasks(root)
+    names = cfg.tasks if cfg.tasks is not None else available
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise DataError(f"data.tasks lists {', '.join(duplicates)} more than once")
-    by_task = cfg.max_train_by_task or {}
-    unknown = sorted(set(by_task) - set(names))
-    if unknown:
-        raise DataError(f"data.max_train_by_task names {', '.join(unknown)}, not among the tasks {names}")
+    by_task = _caps_of_run(root, cfg.max_train_by_task or {}, names, available)
     return [load_task(root, n, by_task.get(n, cfg.max_train_per_task), cfg.max_test_per_task) for n in names]
+
+
+def _caps_of_run(
+    root: Path, by_task: dict[str, int], names: list[str], available: list[str]
+) -> dict[str, int]:
+    """The `data.max_train_by_task` entries of the tasks that run.
+
+    `data.tasks` owns what runs: a cap for a task of the directory that the run leaves out (set, say, by a
+    base config or beside the task list a `--set data.tasks=...` replaced) is unused, so it is dropped with
+    a warning. A key that is no task of the directory at all is a typo, and an error naming it."""
+    unused = sorted(set(by_task) - set(names))
+    unknown = [name for name in unused if name not in available]
+    if unknown:
+        raise DataError(
+            f"data.max_train_by_task names {', '.join(unknown)}: no such task in {root}; "
+            f"available: {', '.join(available) or 'none'}"
+        )
+    if unused:
+        warnings.warn(
+            f"ignoring data.max_train_by_task for {', '.join(unused)}, not in data.tasks {names}",
+            UserWarning,
+            stacklevel=3,
+        )
+    return {name: cap for name, cap in by_task.items() if name in names}
 
 
 # ---------------------------------------------------------------------------------------------- parsing
