@@ -33,9 +33,10 @@ SUITE ?= cpu-small
 quality: setup  ## the paper's comparison (benchmarks/suites/$(SUITE).yaml); resumable, reprints when complete
 	$(PY) benchmarks/quality.py --suite $(SUITE)
 
-lint:  ## ruff lint and format check (CI runs this before the tests)
+lint:  ## ruff lint and format check, mypy (strict, pyproject.toml [tool.mypy]) over the two packages (CI runs this before the tests)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy badit_serve training
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
