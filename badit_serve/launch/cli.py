@@ -51,7 +51,7 @@ from badit_serve.core.cpu_features import native_bf16
 from badit_serve.core.exit_codes import EXIT_USAGE
 from badit_serve.core.export_io import ExportError, load_export
 from badit_serve.core.servable import check_block_servable
-from badit_serve.launch.supervisor import supervise
+from badit_serve.launch.supervisor import supervise, watch_lifeline
 from badit_serve.launch.vllm_options import vllm_adapter_args
 
 WORKER_EXTENSION = "badit_serve.metrics.worker_extension.BaditWorkerExtension"
@@ -288,6 +288,7 @@ def run_vllm_server(vllm_args: list[str]) -> None:
 
     from badit_serve.plugin import register
 
+    watch_lifeline()  # first: if badit-serve is killed outright, this server and its processes end too
     if current_platform.is_cpu():
         apply_cpu_defaults(os.environ)
     cli_env_setup()

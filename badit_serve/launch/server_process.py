@@ -62,7 +62,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on `host` right now (the server binds it a moment later)."""
     with socket.socket() as sock:
         sock.bind((host, 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def group_members(pgid: int) -> list[int]:
@@ -81,7 +82,7 @@ def group_members(pgid: int) -> list[int]:
 class ServerProcess:
     """A server started by `start_server`: the leader of its own session and process group."""
 
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     url: str
     """http://HOST:PORT, no trailing slash."""
     log: Path
@@ -107,7 +108,7 @@ class ServerProcess:
         """Whether `/health` answers 200 now."""
         try:
             with urllib.request.urlopen(f"{self.url}{HEALTH_PATH}", timeout=timeout_s) as response:
-                return response.status == 200
+                return bool(response.status == 200)
         except OSError:  # refused, reset, timed out, or an HTTP error status
             return False
 

@@ -12,16 +12,23 @@ So `badit-serve` runs the server as a child and stays its parent: it marks itsel
 SIGTERM / SIGINT / SIGHUP to the server, and once the server has exited waits for every remaining
 descendant, SIGKILLs any still alive after `grace_s`, reaps them all, and only then exits with the server's
 exit code. When `badit-serve` exits, no process it started is left.
+
+A supervisor killed outright (SIGKILL, the OOM killer) runs none of that, so the server also holds a
+lifeline: the read end of a pipe whose only write end the supervisor holds (`BADIT_LIFELINE_FD`). The
+kernel closes that end whatever ends the supervisor; the server's `watch_lifeline` thread then reads EOF,
+SIGKILLs every descendant of the server (EngineCore, workers, resource tracker) and then the server itself.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 import psutil
@@ -30,6 +37,7 @@ PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 DESCENDANT_GRACE_S = 10.0  # after the server exits, time for the rest to exit by themselves
 KILL_WAIT_S = 5.0  # after SIGKILL, time for the kernel to tear them down
+ENV_LIFELINE_FD = "BADIT_LIFELINE_FD"
 
 
 @dataclass(frozen=True)
@@ -50,14 +58,14 @@ def set_subreaper(on: bool) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     libc = ctypes.CDLL(None, use_errno=True)
-    return libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
+    return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0)
 
 
 def supervise(command: list[str], env: Mapping[str, str], grace_s: float = DESCENDANT_GRACE_S) -> Ended:
     """Run `command` as a child, forward termination signals to it, then end every descendant it left."""
     set_subreaper(True)
     pending: list[int] = []
-    child: subprocess.Popen | None = None
+    child: subprocess.Popen[bytes] | None = None
 
     def forward(signum: int, _frame: object) -> None:
         if child is None:
@@ -66,8 +74,13 @@ def supervise(command: list[str], env: Mapping[str, str], grace_s: float = DESCE
             child.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    lifeline, held = os.pipe()  # both non-inheritable: only the child gets the read end, by pass_fds
     try:
-        child = subprocess.Popen(command, env=dict(env))
+        child_env = {**env, ENV_LIFELINE_FD: str(lifeline)}
+        try:
+            child = subprocess.Popen(command, env=child_env, pass_fds=(lifeline,))
+        finally:
+            os.close(lifeline)
         for signum in pending:
             child.send_signal(signum)
         code = child.wait()
@@ -76,10 +89,34 @@ def supervise(command: list[str], env: Mapping[str, str], grace_s: float = DESCE
             child.kill()
             child.wait()
         waited, killed = end_descendants(grace_s)
+        os.close(held)
         set_subreaper(False)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return Ended(code if code >= 0 else 128 - code, waited, killed)
+
+
+def watch_lifeline(env: MutableMapping[str, str] | None = None) -> bool:
+    """In the supervised server: when the supervisor's lifeline closes (the supervisor died, however), SIGKILL
+    every descendant of this process, then this process. Removes the variable from the environment, so that
+    processes started later do not look for a descriptor they do not have. False where there is no lifeline
+    (the server was not started by `supervise`)."""
+    environ = os.environ if env is None else env
+    value = environ.pop(ENV_LIFELINE_FD, None)
+    if value is None:
+        return False
+    fd = int(value)
+
+    def watch() -> None:
+        while os.read(fd, 1):  # the supervisor never writes: returns b"" only once its end is closed
+            pass
+        me = psutil.Process()
+        for proc in me.children(recursive=True):
+            _kill(proc)
+        os.kill(me.pid, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="badit-lifeline", daemon=True).start()
+    return True
 
 
 def end_descendants(grace_s: float) -> tuple[int, int]:
