@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from badit_serve.launch.server_process import ServerProcess
+from badit_serve.launch.server_process import ServerProcess, group_members
 from tests.support.badit_exports import make_export
 from tests.support.badit_server import (
     API_KEY,
@@ -41,8 +41,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.serve]
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 CLIENTS = 16
 MAX_TOKENS = 200
+LONG_TOKENS = 1800  # the requests in flight at the signal: far longer than a shutdown takes to stream
+MODEL_LEN = 2048  # the tiny model's max_position_embeddings: room for LONG_TOKENS
 SHUTDOWN_BOUND_S = 30  # signal -> badit-serve and every process of its group gone (measured: about 3 s)
 STARTUP_TIMEOUT_S = 300
+KILL9_BOUND_S = 15  # SIGKILL of badit-serve -> no process of its group left
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +92,17 @@ def _kind(r: StreamResult) -> str | None:
 
 
 def _start(export: Path, root: Path) -> ServerProcess:
-    server = launch_badit_serve(export, root, ServeOptions())
+    server = launch_badit_serve(export, root, ServeOptions(max_model_len=MODEL_LEN))
     wait_healthy_or_fail(server)
     return server
 
 
 async def _load_then_signal(url: str, send: Callable[[], None]) -> tuple[list[Client], float]:
-    """CLIENTS clients stream requests back to back; once 2 × CLIENTS have completed and at least half the
-    streams in progress are mid-way (past 10 events, before 3/4 of them), `send()` the signal. Returns the clients and the
+    """CLIENTS clients stream MAX_TOKENS requests back to back until 2 × CLIENTS have completed; then each
+    starts one of LONG_TOKENS, and `send()` goes once every client has received a first event of its long
+    one, so every client has a stream in flight when the signal arrives and none can finish in the time a
+    shutdown takes (deterministic: the old trigger, half the streams mid-way, let 200-token streams finish
+    and clients reconnect to a closing server before the signal took effect). Returns the clients and the
     monotonic time the signal was sent."""
     completed = 0
     body = {
@@ -111,22 +117,27 @@ async def _load_then_signal(url: str, send: Callable[[], None]) -> tuple[list[Cl
     async with httpx.AsyncClient(timeout=httpx.Timeout(SHUTDOWN_BOUND_S), limits=limits) as http:
         current: list[StreamResult | None] = [None] * CLIENTS  # each client's request in progress
 
+        long: list[bool] = [False] * CLIENTS  # each client's request in progress is its long one
+
         async def client(c: int) -> Client:
             nonlocal completed
             results: list[StreamResult] = []
-            while not results or _complete(results[-1]):
+            while not results or (_complete(results[-1]) and not long[c]):
+                long[c] = completed >= 2 * CLIENTS
                 current[c] = StreamResult(0)
-                results.append(await stream_chat(http, url, body, HEADERS, current[c]))
+                request = {**body, "max_tokens": LONG_TOKENS} if long[c] else body
+                results.append(await stream_chat(http, url, request, HEADERS, current[c]))
                 completed += _complete(results[-1])
             return Client(results)
 
         tasks = [asyncio.create_task(client(c)) for c in range(CLIENTS)]
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not any(t.done() for t in tasks):  # the signal goes when most streams are mid-way
-            mid_way = [r for r in current if r and r.status == 200 and 10 < r.events < MAX_TOKENS * 3 // 4]
-            if completed >= 2 * CLIENTS and len(mid_way) >= CLIENTS // 2:
+        while True:  # the signal goes once every client streams its long request
+            streaming = [r for c, r in enumerate(current) if long[c] and r and r.status == 200 and r.events]
+            if len(streaming) == CLIENTS:
                 break
-            assert time.monotonic() < deadline, f"never half the streams mid-way: {current}"
+            assert not any(t.done() for t in tasks), f"a client stopped before the signal: {current}"
+            assert time.monotonic() < deadline, f"never every client streaming a long request: {current}"
             await asyncio.sleep(0.01)
         sent = time.monotonic()
         send()
@@ -159,9 +170,30 @@ def test_signal_under_load_ends_every_stream_cleanly_and_the_process_group_withi
     in_flight = [c.last for c in clients]
     kinds = {kind: [r for r in in_flight if _kind(r) == kind] for kind in ENDINGS}
     assert sum(map(len, kinds.values())) == CLIENTS, [r for r in in_flight if _kind(r) is None]
+    assert all(r.usage is None or r.usage["completion_tokens"] < LONG_TOKENS for r in in_flight)
     assert kinds["aborted stream"], f"no stream was in flight when the signal arrived: {in_flight}"
     assert all(r.retry_after for r in kinds["503 + Retry-After"])
     counts = ", ".join(f"{len(rs)} {kind}" for kind, rs in kinds.items())
     print(
         f"{how}: exit code {code} after {exited_s:.1f} s, process group empty; {len(warm)} completed before; {counts}"
     )
+
+
+def test_kill_9_of_badit_serve_leaves_no_process_of_its_group(export: Path, tmp_path: Path) -> None:
+    """SIGKILL of `badit-serve` itself (the supervisor: no handler runs) ends vLLM's API server, EngineCore
+    and workers through the server's lifeline within KILL9_BOUND_S; before, they ran on as orphans, still
+    listening on the port and holding their memory."""
+    server = _start(export, tmp_path)
+    try:
+        members = group_members(server.pid)
+        assert len(members) >= 3, members  # badit-serve, the API server, the EngineCore at least
+        os.kill(server.pid, signal.SIGKILL)
+        server.proc.wait(timeout=10)
+        deadline = time.monotonic() + KILL9_BOUND_S
+        while left := group_members(server.pid):
+            assert time.monotonic() < deadline, f"outlived badit-serve's SIGKILL: {left}\n{server.log_tail()}"
+            time.sleep(0.1)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{server.url}/health", timeout=2)
+    finally:
+        server.stop()
