@@ -8,9 +8,8 @@ from badit_serve.core.architectures import BADIT_ARCHITECTURES
 def test_plugin_registers_every_export_architecture() -> None:
     from vllm import ModelRegistry
 
-    from badit_serve.plugin import MODEL_CLASSES, register
+    from badit_serve.plugin import register
 
-    assert set(MODEL_CLASSES) == set(BADIT_ARCHITECTURES.values())
     register()
     register()  # idempotent
-    assert set(MODEL_CLASSES) <= set(ModelRegistry.get_supported_archs())
+    assert set(BADIT_ARCHITECTURES.values()) <= set(ModelRegistry.get_supported_archs())

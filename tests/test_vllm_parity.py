@@ -28,7 +28,7 @@ the tiny models' 12 greedy tokens (observed: see test_vllm_bfloat16_stays_close_
 MAX_TOKENS = 12
 # Token ids inside the tiny tokenizer's vocabulary (the last id included).
 PROMPTS = [[1, 5, 9, 200, 33], [1, 77, 78], [1, 4000, 12, 901, 17, 17, 3500, 42, 8, 640], [1, TINY_VOCAB - 1]]
-WORKER = Path(__file__).with_name("vllm_generate.py")
+WORKER = Path(__file__).parent / "support" / "vllm_generate.py"
 
 
 def _vllm_generate(
