@@ -16,13 +16,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
     import asyncio
+
+    from vllm._custom_ops import CPUDNNLGEMMHandler
+
+    OneDnnHandler = CPUDNNLGEMMHandler
+    """vLLM's packed oneDNN weight (`onednn_pack`), for annotations only."""
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 TESTED_VLLM = ((0, 32), (0, 33))
 """vLLM versions this seam was read against and tested with: >= 0.32, < 0.33 (the `cpu` extra pins
@@ -73,7 +80,7 @@ def onednn_available() -> bool:
     return bool(ops._supports_onednn) and current_platform.get_cpu_architecture() != CpuArchEnum.POWERPC
 
 
-def onednn_pack(weight_t: torch.Tensor, cache_size: int) -> object:
+def onednn_pack(weight_t: torch.Tensor, cache_size: int) -> OneDnnHandler:
     """`vllm._custom_ops.create_onednn_mm(W.T, cache)`: a `CPUDNNLGEMMHandler` holding a oneDNN-reordered
     copy of weight_t (k, n), made from its values now (a later change of the weight is not seen). Raises
     RuntimeError where oneDNN has no kernel for the dtype on this CPU (bfloat16 without AVX512)."""
@@ -82,7 +89,7 @@ def onednn_pack(weight_t: torch.Tensor, cache_size: int) -> object:
     return ops.create_onednn_mm(weight_t, cache_size)
 
 
-def onednn_matmul(handler: object, x: torch.Tensor) -> torch.Tensor:
+def onednn_matmul(handler: OneDnnHandler, x: torch.Tensor) -> torch.Tensor:
     """`vllm._custom_ops.onednn_mm(handler, x, bias=None)`: x (T, k) @ the packed (k, n) -> (T, n)."""
     from vllm import _custom_ops as ops
 
@@ -97,7 +104,8 @@ def token_lora_indices(punica_wrapper: Any, tokens: int) -> torch.Tensor:
     `PunicaWrapperBase._token_lora_indices` (vllm/lora/punica_wrapper/punica_base.py), the persistent
     buffer `update_metadata` fills before each step; the public `token_lora_indices` property slices it by a
     host-side length that excludes padding rows, where the layer needs a static (T,) view."""
-    return punica_wrapper._token_lora_indices[:tokens]  # (T,)
+    indices: torch.Tensor = punica_wrapper._token_lora_indices[:tokens]  # (T,)
+    return indices
 
 
 def lora_slot_ids(model_runner: Any) -> Callable[[], list[int | None]]:
@@ -144,8 +152,10 @@ def grouped_mm(x: torch.Tensor, stacked: torch.Tensor, offsets: torch.Tensor) ->
     return torch._grouped_mm(x, stacked, offs=offsets)  # (T, n)
 
 
-def module_apply(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool) -> nn.Module:
+def module_apply(module: ModuleT, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool) -> ModuleT:
     """`nn.Module._apply(fn, recurse)` (torch/nn/modules/module.py): the one method that `.to()`, `.cuda()`,
     `.half()` and friends call to replace every parameter and buffer; a module that keeps state derived
     from its buffers (prepacked GEMMs) overrides `_apply`, calls this, then rebuilds that state."""
-    return nn.Module._apply(module, fn, recurse)
+    # torch leaves `_apply` unannotated; it returns the module itself.
+    moved: ModuleT = nn.Module._apply(module, fn, recurse)  # type: ignore[no-untyped-call]
+    return moved

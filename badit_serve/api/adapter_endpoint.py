@@ -83,7 +83,7 @@ class AdapterServingState:
 
 
 def adapter_state(request: Request) -> AdapterServingState:
-    state = getattr(request.app.state, "badit_adapters", None)
+    state: AdapterServingState | None = getattr(request.app.state, "badit_adapters", None)
     if state is None:
         raise HTTPException(
             status_code=404,

@@ -30,7 +30,7 @@ def end_requests_when_engine_stops(engine_client: Any) -> bool:
         return False
     handler, processor = found
 
-    def on_done(task: asyncio.Task) -> None:
+    def on_done(task: asyncio.Task[Any]) -> None:
         if task.cancelled():
             processor.propagate_error(EngineDeadError())
 

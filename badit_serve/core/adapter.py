@@ -23,6 +23,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel, Field, ValidationError
@@ -87,7 +88,7 @@ def peft_name(module: str, which: str) -> str:
     return f"base_model.model.{module}.lora_{which}.weight"
 
 
-def base_fingerprint(config: dict, adapted: dict[str, torch.Tensor]) -> str:
+def base_fingerprint(config: dict[str, Any], adapted: dict[str, torch.Tensor]) -> str:
     """sha256 of the architecture-defining config keys and the float32 bytes of the adapted base tensors
     (module name -> weight), in sorted module order."""
     digest = hashlib.sha256()
@@ -143,7 +144,7 @@ def check_shareable(block: BaditBlock) -> None:
         )
 
 
-def _peft_config(block: BaditBlock, base_model: str) -> dict:
+def _peft_config(block: BaditBlock, base_model: str) -> dict[str, Any]:
     """PEFT's view of the experts: lora_alpha / r = scaling * gate_scale, which vLLM folds into lora_B
     (routed math is linear in both)."""
     return {
@@ -207,7 +208,9 @@ class LoadedAdapter:
         return self.info.block
 
 
-def _split_experts(path: Path, block: BaditBlock, tensors: dict[str, torch.Tensor]) -> dict:
+def _split_experts(
+    path: Path, block: BaditBlock, tensors: dict[str, torch.Tensor]
+) -> dict[str, dict[str, torch.Tensor]]:
     """PEFT tensors -> module -> {lora_a, lora_b, router}, checking names, shapes and values."""
     n, k = block.num_experts * block.rank, block.num_experts
     router_rows = 0 if block.router == "none" else k
@@ -215,7 +218,7 @@ def _split_experts(path: Path, block: BaditBlock, tensors: dict[str, torch.Tenso
     if set(tensors) != expected:
         extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
         raise ExportError(f"{path / ADAPTER_WEIGHTS_FILE}: missing {missing[:3]}, unexpected {extra[:3]}")
-    experts = {}
+    experts: dict[str, dict[str, torch.Tensor]] = {}
     for module in block.adapted_modules:
         a, b = tensors[peft_name(module, "A")], tensors[peft_name(module, "B")]
         if a.dim() != 2 or a.shape[0] != n + router_rows or b.dim() != 2 or b.shape[1] != n:
@@ -264,7 +267,9 @@ def check_base(adapter: LoadedAdapter, base_dir: Path, fingerprint: str | None =
         )
 
 
-def adapter_from_export(export: LoadedExport, base_model: str = "") -> tuple[AdapterInfo, dict]:
+def adapter_from_export(
+    export: LoadedExport, base_model: str = ""
+) -> tuple[AdapterInfo, dict[str, dict[str, torch.Tensor]]]:
     """(AdapterInfo, experts) of a full export, whose residual weights must be the base weights."""
     check_shareable(export.block)
     adapted = {m: export.tensors[f"{m}.weight"] for m in export.block.adapted_modules}

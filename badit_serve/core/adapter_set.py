@@ -57,6 +57,7 @@ def base_architecture(base_dir: Path) -> str:
         raise ExportError(
             f"{base_dir}: architecture {arch!r} cannot serve Badit adapters ({sorted(BADIT_ARCHITECTURES)})"
         )
+    assert isinstance(arch, str)  # a key of BADIT_ARCHITECTURES
     return arch
 
 

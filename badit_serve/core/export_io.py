@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import ValidationError
@@ -102,7 +103,7 @@ def write_manifest(directory: Path) -> None:
 def write_export(
     out_dir: Path,
     *,
-    config: dict,
+    config: dict[str, Any],
     block: BaditBlock,
     tensors: dict[str, torch.Tensor],
     routing_table: RoutingTable,
@@ -135,7 +136,7 @@ class LoadedExport:
     """A validated export: its config, badit block, routing table and all tensors."""
 
     path: Path
-    config: dict
+    config: dict[str, Any]
     block: BaditBlock
     routing_table: RoutingTable
     tensors: dict[str, torch.Tensor]
@@ -156,16 +157,17 @@ class LoadedExport:
         return {k: v for k, v in self.tensors.items() if k not in expert_names}
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ExportError(f"{path}: missing")
     try:
-        return json.loads(path.read_text())
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
     except json.JSONDecodeError as exc:
         raise ExportError(f"{path}: not valid JSON: {exc}") from exc
 
 
-def read_block(export_dir: Path) -> tuple[dict, BaditBlock]:
+def read_block(export_dir: Path) -> tuple[dict[str, Any], BaditBlock]:
     """config.json and its validated `badit` block (cheap: no weights read)."""
     config = read_json(export_dir / CONFIG_FILE)
     raw = config.get("badit")

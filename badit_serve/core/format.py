@@ -14,6 +14,8 @@ loaders rewrite into the fused `gate_up_proj`. See docs/FORMAT.md.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from badit_serve.core.routing import RouterMode
@@ -108,7 +110,7 @@ class RoutingTable(BaseModel):
 
     format_version: int = FORMAT_VERSION
     layers: list[LayerEntry]
-    dog_history: list[dict] = Field(default_factory=list)
+    dog_history: list[dict[str, Any]] = Field(default_factory=list)
     """Regroup events of training (step, components moved, angles, drift)."""
     expert_labels: dict[str, str] = Field(default_factory=dict)
     """Expert index (as a string) -> label aggregated across layers (for metrics)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from badit_serve.core.adapter import check_base, load_adapter
 from badit_serve.core.export_io import ExportError, LoadedExport, load_export
@@ -33,7 +33,7 @@ class RoutedLinear(nn.Module):
         self.last_selected: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)  # (..., d_out)
+        out: torch.Tensor = self.base(x)  # (..., d_out)
         flat = x.reshape(-1, x.shape[-1]).float()  # (T, d_in)
         logits = router_logits(flat, self.router)  # (T, K)
         b = self.block
@@ -43,7 +43,7 @@ class RoutedLinear(nn.Module):
         return out + delta.view(*x.shape[:-1], -1).to(out.dtype)
 
 
-def _load_base_weights(model: nn.Module, bundle: LoadedExport) -> None:
+def _load_base_weights(model: PreTrainedModel, bundle: LoadedExport) -> None:
     """Load the base tensors with an explicit check: every expected tensor present with its shape."""
     expected = model.state_dict()
     given = bundle.base_tensors()
@@ -77,7 +77,7 @@ def install_routed_layers(
             raise ExportError(f"{source}: adapted module {module_name!r} is not an nn.Linear")
         parent_name, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, RoutedLinear(base, block, experts[module_name]))
-    model.badit_block = block
+    model.badit_block = block  # type: ignore[assignment]  # torch types Module.__setattr__ values as Tensor | Module
     return model.eval()
 
 
@@ -102,5 +102,5 @@ def load_reference_adapter(
     adapter = load_adapter(adapter_dir)
     check_base(adapter, Path(base_dir))
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
-    model.badit_routing_table = adapter.routing_table
+    model.badit_routing_table = adapter.routing_table  # type: ignore[assignment]  # as in install_routed_layers
     return install_routed_layers(model, adapter.block, adapter.experts, adapter.path)

@@ -162,6 +162,6 @@ class ExpertStatsCollector:
                     if weight > 0:
                         counters.router_weight_sum.labels(layer=layer, expert=str(expert)).inc(weight)
             if counters is not None:
-                for (expert, label), count in by_ability.items():
-                    counters.tokens_by_ability.labels(expert=expert, label=label).inc(count)
+                for (expert_name, label), count in by_ability.items():
+                    counters.tokens_by_ability.labels(expert=expert_name, label=label).inc(count)
             return totals

@@ -21,6 +21,8 @@ functions with one slot) instead of running LoRA kernels:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 from torch import nn
 from vllm.lora.layers import BaseLayerWithLoRA
@@ -37,6 +39,11 @@ from badit_serve.vllm_models.served_experts import (
     add_served_delta,
     served_routing,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from vllm.model_executor.layers.linear import LinearBase
 
 ADAPTER_TENSOR_DTYPE = torch.float32
 """The dtype vLLM's LoRA loader must give adapter tensors (see `use_float32_adapter_tensors`)."""
@@ -74,7 +81,7 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
 
     def __init__(
         self,
-        base_layer: nn.Module,
+        base_layer: LinearBase,
         geometry: SlotGeometry,
         tp_rank: int,
         num_real: torch.Tensor,
@@ -86,9 +93,11 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
         self.n = k * geometry.rank
         num_router = 0 if geometry.router == "none" else k
         self.rows = self.n + num_router
-        self.intermediate_local = int(base_layer.output_partition_sizes[0])
+        # vLLM's LinearBase infers output_partition_sizes from an untyped attribute (Tensor | Module).
+        self.intermediate_local = int(base_layer.output_partition_sizes[0])  # type: ignore[index]
         self.n_slices = 2
         d_in, weight = int(base_layer.input_size), base_layer.weight
+        assert isinstance(weight, torch.Tensor)  # a Parameter vLLM's linear method registers
         # vLLM folds scaling * gate_scale into lora_B (the adapter's lora_alpha / r): routing weights are
         # plain softmax weights here.
         self.spec = RoutingSpec(k, geometry.top_k, geometry.router, gate_scale=1.0)  # type: ignore[arg-type]
@@ -105,12 +114,15 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
             persistent=False,
         )
         # Shapes vLLM reads to build its zero warm-up adapters (create_dummy_lora); never computed with.
-        meta = dict(dtype=ADAPTER_TENSOR_DTYPE, device="meta")
-        self.lora_a_stacked = tuple(torch.empty(slots, 1, self.n, d_in, **meta) for _ in range(2))
-        self.lora_b_stacked = tuple(
-            torch.empty(slots, 1, self.intermediate_local, self.n, **meta) for _ in range(2)
+        self.lora_a_stacked = tuple(
+            torch.empty(slots, 1, self.n, d_in, dtype=ADAPTER_TENSOR_DTYPE, device="meta") for _ in range(2)
         )
-        self.slot_listener = None  # called with (slot) when a slot's adapter changes (expert metrics)
+        self.lora_b_stacked = tuple(
+            torch.empty(slots, 1, self.intermediate_local, self.n, dtype=ADAPTER_TENSOR_DTYPE, device="meta")
+            for _ in range(2)
+        )
+        # Called with (slot) when a slot's adapter changes (expert metrics).
+        self.slot_listener: Callable[[int], None] | None = None
         self.record_stats = True
         # The model's shared real-row count (routing_stats.count_real_tokens).
         self.register_buffer("num_real", num_real, persistent=False)
@@ -119,7 +131,12 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
         self._notify(index)
         self.served.reset_slot(index)
 
-    def set_lora(self, index: int, lora_a, lora_b) -> None:  # lists [gate, up] from PackedLoRALayerWeights
+    def set_lora(  # lists [gate, up] from PackedLoRALayerWeights
+        self,
+        index: int,
+        lora_a: torch.Tensor | list[torch.Tensor],
+        lora_b: torch.Tensor | list[torch.Tensor],
+    ) -> None:
         a = lora_a[0] if isinstance(lora_a, (list, tuple)) else lora_a
         b = lora_b[0] if isinstance(lora_b, (list, tuple)) else lora_b
         d_in = self.served.lora_a.shape[1]
@@ -182,7 +199,8 @@ def install_slot_layers(
             raise ValueError(
                 f"{mlp_name} ({type(mlp).__name__}) has no gate_up_proj: cannot serve Badit adapters"
             )
-        layer = BaditSlotsGateUp(mlp.gate_up_proj, geometry, tp_rank, num_real)
+        # A Module's child is typed Tensor | Module; vLLM builds gate_up_proj as a MergedColumnParallelLinear.
+        layer = BaditSlotsGateUp(cast("LinearBase", mlp.gate_up_proj), geometry, tp_rank, num_real)
         mlp.gate_up_proj = layer
         installed[gate_name] = layer
     return installed

@@ -16,6 +16,7 @@ writes the number of real (non-padding) rows into the one tensor every routed la
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +38,9 @@ from badit_serve.vllm_models.mlp import (
 )
 from badit_serve.vllm_models.routing_stats import count_real_tokens, new_real_row_count
 
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
 
 class BaditCausalLMMixin:
     """Routed gate_proj experts on top of a vLLM causal LM class (see the module docstring)."""
@@ -49,7 +53,7 @@ class BaditCausalLMMixin:
     badit_num_real: torch.Tensor
     """0-dim int64: this forward pass's real (non-padding) rows, read by every routed layer."""
 
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:  # vllm_config: vllm.config.VllmConfig
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         geometry = read_slot_geometry(vllm_config.model_config.hf_config)
         if geometry is not None:  # a plain base with adapter slots (badit-serve BASE --adapter ...)
             use_float32_adapter_tensors(vllm_config)
@@ -60,7 +64,9 @@ class BaditCausalLMMixin:
         block = read_badit_block(vllm_config.model_config.hf_config)  # fail before building anything
         super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         self.badit_block = block
-        self.badit_dtype = vllm_config.model_config.dtype
+        dtype = vllm_config.model_config.dtype
+        assert isinstance(dtype, torch.dtype)  # ModelConfig resolves "auto" and names to a torch.dtype
+        self.badit_dtype = dtype
         self._badit_register_row_count()
         self.badit_mlps = install_badit_mlps(self, block, self.badit_num_real)  # type: ignore[arg-type]
         check_coverage(self.badit_mlps, block, self._badit_is_missing)
@@ -69,7 +75,7 @@ class BaditCausalLMMixin:
         # Built under vLLM's target-device context, like the model's parameters.
         self.register_buffer("badit_num_real", new_real_row_count(), persistent=False)  # type: ignore[attr-defined]
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The vLLM class's forward, after writing this pass's real-row count for the routed layers."""
         count_real_tokens(self.badit_num_real)
         return super().forward(*args, **kwargs)  # type: ignore[misc]

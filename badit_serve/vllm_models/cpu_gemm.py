@@ -16,12 +16,16 @@ Elsewhere (CUDA, or a vLLM build without oneDNN) the factory is `TorchGemm`, the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from badit_serve.core.cpu_features import native_bf16
 from badit_serve.internals import onednn_available, onednn_matmul, onednn_pack
 from badit_serve.vllm_models.served_experts import Gemm, GemmFactory, TorchGemm
+
+if TYPE_CHECKING:
+    from badit_serve.internals import OneDnnHandler
 
 PRIMITIVE_CACHE_SIZE = 32
 """oneDNN primitives cached per handler, keyed by the number of tokens (vLLM's own linear layers: 32)."""
@@ -31,7 +35,7 @@ PRIMITIVE_CACHE_SIZE = 32
 class OneDnnGemm:
     """x (T, k) @ W.T through a prepacked oneDNN primitive; the output has x's dtype (= W's)."""
 
-    handler: object
+    handler: OneDnnHandler
     """vLLM's `CPUDNNLGEMMHandler` (the packed weight lives behind its `handler_tensor`)."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ refactorisation of a shard's rows keeps B'_e A'_e equal to that shard's rows of 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -49,6 +50,9 @@ from badit_serve.vllm_models.served_experts import (
     served_router_logits,
     weigh_experts,
 )
+
+if TYPE_CHECKING:
+    from vllm.model_executor.layers.linear import LinearBase
 
 
 def read_badit_block(hf_config: object) -> BaditBlock:
@@ -106,10 +110,15 @@ def _copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:
 class BaditMLP(nn.Module):
     """gate_up_proj (+ routed delta on the gate half) -> act_fn -> down_proj."""
 
+    num_real: torch.Tensor
+    gate_scale: torch.Tensor
+    expert_tokens: torch.Tensor
+    router_weight_sums: torch.Tensor
+
     def __init__(
         self,
         block: BaditBlock,
-        gate_up_proj: nn.Module,
+        gate_up_proj: LinearBase,
         down_proj: nn.Module,
         act_fn: Callable[[torch.Tensor], torch.Tensor],
         tp_rank: int,
@@ -122,7 +131,8 @@ class BaditMLP(nn.Module):
         self.act_fn = act_fn
         self.gated_act = gated_activation(act_fn)
         """act_fn on the gate and up halves apart (`gated_act`), or None: act_fn on their concatenation."""
-        self.intermediate_local = int(gate_up_proj.output_partition_sizes[0])
+        # vLLM's LinearBase infers output_partition_sizes from an untyped attribute (Tensor | Module).
+        self.intermediate_local = int(gate_up_proj.output_partition_sizes[0])  # type: ignore[index]
         self.badit_gate = GateExpertWeights(
             block, int(gate_up_proj.input_size), self.intermediate_local, tp_rank
         )
@@ -154,7 +164,9 @@ class BaditMLP(nn.Module):
         linear layer's unpacked weight after prepacking, so there it cannot reload the base either."""
         self.served = self.badit_gate.to_served(self.block, dtype)
         weight = getattr(self.gate_up_proj, "weight", None)
-        if not _can_fuse(self.gate_up_proj, weight, self.served.lora_a):
+        if not isinstance(weight, torch.Tensor) or not _can_fuse(
+            self.gate_up_proj, weight, self.served.lora_a
+        ):
             self.fused_rows = 0
             return
         base_rows, extra = 2 * self.intermediate_local, self.served.lora_a  # extra: (K*R, d_in)
@@ -173,6 +185,7 @@ class BaditMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.served is None:
             raise RuntimeError("BaditMLP used before its experts were built (prepare_served)")
+        out: torch.Tensor  # routed_mlp is untyped: torch's nested_compile_region has no return annotation
         out, tokens, sums = routed_mlp(self, x)  # (T, d_model), (K,), (K,)
         if self.record_stats:  # in place, where this layer runs (routing_stats: not in the last kernel)
             torch.ops.badit.add_routing_stats(self.expert_tokens, self.router_weight_sums, tokens, sums)

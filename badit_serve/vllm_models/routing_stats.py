@@ -31,7 +31,8 @@ from torch.library import Library
 
 from badit_serve.internals import padding_mask
 
-LIBRARY = Library("badit", "FRAGMENT")
+# torch leaves Library.__init__ unannotated.
+LIBRARY = Library("badit", "FRAGMENT")  # type: ignore[no-untyped-call]
 """Owns `torch.ops.badit.*` (an operator lives as long as its library object)."""
 
 ALL_ROWS = 2**62

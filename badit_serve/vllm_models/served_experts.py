@@ -93,6 +93,10 @@ class ServedExperts(nn.Module):
     after every slot change; the router is a plain float32 matmul.
     """
 
+    router: torch.Tensor
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+
     def __init__(
         self,
         router: torch.Tensor,
@@ -278,6 +282,7 @@ def _can_group(weight: torch.Tensor, *strides: int) -> bool:
 def _grouped_in_token_order(x: torch.Tensor, stacked: torch.Tensor, slots: SlotIndex) -> torch.Tensor:
     """x (T, k) @ each token's slot of stacked (S, k, n) -> (T, n): one grouped matmul over the tokens sorted
     by slot (`slots.order`, `slots.offsets`), then back in token order."""
+    assert slots.order is not None and slots.offsets is not None  # the grouped form
     grouped = grouped_mm(x[slots.order], stacked, slots.offsets)  # (T, n), sorted
     return torch.empty_like(grouped).index_copy_(0, slots.order, grouped)  # (T, n)
 
