@@ -47,13 +47,15 @@ class RngState:
 
     torch_cpu: torch.Tensor
     cuda: list[torch.Tensor]
-    python: tuple
-    numpy: tuple
+    python: tuple[Any, ...]
+    numpy: tuple[Any, ...]
 
     @classmethod
     def capture(cls) -> RngState:
         cuda = list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []
-        return cls(torch.get_rng_state(), cuda, random.getstate(), np.random.get_state())
+        numpy_state = np.random.get_state(legacy=True)  # the default
+        assert isinstance(numpy_state, tuple)  # the global RandomState is MT19937: its legacy tuple
+        return cls(torch.get_rng_state(), cuda, random.getstate(), numpy_state)
 
     def restore(self) -> None:
         torch.set_rng_state(self.torch_cpu)

@@ -279,4 +279,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def dump_config(config: RunConfig) -> str:
     """The resolved config as YAML (paths as strings), suitable for `load_config`."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    text: str = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return text

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedConfig
 
 from badit_serve.core.adapter import (
     AdapterInfo,
@@ -99,7 +101,7 @@ def _label(shares: dict[str, float], top: int = 2) -> str | None:
 
 def routing_table(
     model: nn.Module,
-    dog_history: list[dict] | None = None,
+    dog_history: list[dict[str, Any]] | None = None,
     task_shares: dict[str, dict[str, list[float]]] | None = None,
 ) -> RoutingTable:
     """Components per expert (original SVD index and singular value), DOG history and, when measured,
@@ -128,7 +130,7 @@ def routing_table(
 
 @torch.no_grad()
 def measure_routing(
-    model: nn.Module, sequences_by_task: dict[str, Iterable[list[int]]]
+    model: nn.Module, sequences_by_task: Mapping[str, Iterable[list[int]]]
 ) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[float]]]:
     """Run each task's token sequences through the model (one at a time, so no padding is counted).
 
@@ -157,6 +159,7 @@ def measure_routing(
                 tokens += len(ids)
             all_tokens += tokens
             for name, layer in layers.items():
+                assert layer.selection_counts is not None and layer.weight_sums is not None  # set above
                 shares[name][task] = (layer.selection_counts / max(tokens, 1)).tolist()
                 weight_totals[name] += layer.weight_sums.cpu()
     finally:
@@ -169,7 +172,7 @@ def measure_routing(
 
 
 def measure_task_shares(
-    model: nn.Module, sequences_by_task: dict[str, Iterable[list[int]]]
+    model: nn.Module, sequences_by_task: Mapping[str, Iterable[list[int]]]
 ) -> dict[str, dict[str, list[float]]]:
     """Per module, per task, the share of the task's tokens that selected each expert."""
     return measure_routing(model, sequences_by_task)[0]
@@ -216,7 +219,7 @@ class ExportParts:
 
 def export_parts(
     model: nn.Module,
-    dog_history: list[dict] | None,
+    dog_history: list[dict[str, Any]] | None,
     task_shares: dict[str, dict[str, list[float]]] | None,
 ) -> ExportParts:
     """The badit block, tensors and routing table of `model`, once it is known to be servable."""
@@ -231,13 +234,15 @@ def export_model(
     model_dir: Path,
     out_dir: Path,
     *,
-    dog_history: list[dict] | None = None,
+    dog_history: list[dict[str, Any]] | None = None,
     task_shares: dict[str, dict[str, list[float]]] | None = None,
     force: bool = False,
 ) -> Path:
     """Write `model` (adapted, from the base directory `model_dir`) as a self-contained export."""
     parts = export_parts(model, dog_history, task_shares)
-    config = model.config.to_dict()
+    model_config = model.config
+    assert isinstance(model_config, PreTrainedConfig)  # a transformers model's config
+    config = model_config.to_dict()
     config.pop("badit", None)
     copy_files = [model_dir / f for f in COPIED_MODEL_FILES if (model_dir / f).is_file()]
     return write_export(
@@ -256,7 +261,7 @@ def export_adapter(
     model_dir: Path,
     out_dir: Path,
     *,
-    dog_history: list[dict] | None = None,
+    dog_history: list[dict[str, Any]] | None = None,
     task_shares: dict[str, dict[str, list[float]]] | None = None,
     force: bool = False,
 ) -> Path:
@@ -286,7 +291,11 @@ def export_adapter(
 
 
 def write_plain_model(
-    out_dir: Path, config: dict, tensors: dict[str, torch.Tensor], copy_files: list[Path], force: bool = False
+    out_dir: Path,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    copy_files: list[Path],
+    force: bool = False,
 ) -> Path:
     """A standard transformers directory (base architecture), written atomically."""
     out_dir = Path(out_dir)
@@ -334,6 +343,8 @@ def export_dense(
     force: bool = False,
 ) -> Path:
     """Write the folded plain model (`dense_tensors`) as a base-architecture directory."""
-    config = model.config.to_dict()
+    model_config = model.config
+    assert isinstance(model_config, PreTrainedConfig)  # a transformers model's config
+    config = model_config.to_dict()
     copy_files = [model_dir / f for f in COPIED_MODEL_FILES if (model_dir / f).is_file()]
     return write_plain_model(out_dir, config, dense_tensors(model, mean_weights), copy_files, force=force)

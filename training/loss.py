@@ -41,13 +41,13 @@ def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
 
     batch: input_ids (B, T), attention_mask (B, T), labels (B, T) with IGNORE_INDEX on prompt/padding.
     """
-    hidden = model.model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).last_hidden_state
+    body, lm_head = model.model, model.lm_head  # a causal LM's decoder stack and output projection
+    assert isinstance(body, nn.Module) and isinstance(lm_head, nn.Module)
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]  # (B, T-1) token t+1 is predicted at position t
     positions = targets != IGNORE_INDEX  # (B, T-1)
     selected = hidden[:, :-1][positions]  # (N, d)
-    logits = model.lm_head(selected).float()  # (N, V)
+    logits = lm_head(selected).float()  # (N, V)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:  # Gemma2
         logits = torch.tanh(logits / cap) * cap

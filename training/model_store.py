@@ -138,7 +138,7 @@ def _convert_gguf(gguf_path: Path, spec: BundledModel, out_dir: Path) -> None:
     # The weights are dequantised now: drop the GGUF quantizer marker so that the directory loads as plain fp32.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # set by from_pretrained; transformers' PreTrainedModel does not declare it
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
@@ -156,4 +156,6 @@ def smoke_answer(model_dir: Path, question: str = SMOKE_QUESTION, max_new_tokens
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert isinstance(answer, str)  # one sequence decodes to one string
+    return answer.strip()

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_loss(records: list[dict], out: Path) -> Path | None:
+def plot_loss(records: list[dict[str, Any]], out: Path) -> Path | None:
     steps = [(r["step"], r["loss"]) for r in records if r.get("event") == "step"]
     if not steps:
         return None
@@ -30,7 +30,7 @@ def plot_loss(records: list[dict], out: Path) -> Path | None:
     return out
 
 
-def plot_angles(records: list[dict], out: Path) -> Path | None:
+def plot_angles(records: list[dict[str, Any]], out: Path) -> Path | None:
     """The paper's Fig. 4: mean inter- and intra-expert gradient angles at each regroup."""
     events = [r for r in records if r.get("event") == "regroup" and r.get("layers")]
     if not events:

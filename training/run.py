@@ -87,7 +87,8 @@ def build_model(
     """The base model with the run's adapters; `stored_state` (a checkpoint's adapter state) spares the
     SVD of every delta-form layer (see `apply_adapters`)."""
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    # transformers' @wraps(nn.Module.to) on PreTrainedModel.to hides the bound self from mypy
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)  # type: ignore[arg-type]
     return apply_adapters(model, cfg.adapter, seed=cfg.train.seed, stored_state=stored_state)
 
 
@@ -297,7 +298,7 @@ def _write_predictions(run: RunDir, stage: int, scores: dict[str, TaskScore]) ->
                 handle.write(json.dumps({"task": task, "id": instance_id, "prediction": prediction}) + "\n")
 
 
-def _write_json(path: Path, data: dict) -> None:
+def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2))
 
 
@@ -315,7 +316,10 @@ def summarize_scores(
     em = [final[t]["exact_match"] for t in order if t in final]
     results["exact_match"] = sum(em) / len(em) if em else None
     if mode == "sequential" and len(rows) == len(order) and all(None not in r for r in matrix):
-        results["continual"] = continual_metrics(matrix, [single[t] for t in order] if single else None)
+        complete = [
+            [v for v in r if v is not None] for r in matrix
+        ]  # the same matrix: no None (checked above)
+        results["continual"] = continual_metrics(complete, [single[t] for t in order] if single else None)
         results["metric_convention"] = DEFAULT_CONVENTION
     elif mode == "mixed" and single and rouge:
         results["continual"] = {

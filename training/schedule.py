@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -21,7 +22,7 @@ def total_steps(num_examples: int, cfg: TrainConfig) -> int:
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
-def lr_lambda(cfg: TrainConfig, total: int):
+def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     """Multiplier of the peak lr at each step: linear warmup then cosine/linear/constant decay."""
     warmup = int(round(cfg.warmup_ratio * total))
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from training.adapters import collect_aux_loss, router_load, trainable_parameters
 from training.checkpoint import TrainingState, restore_training_state, save_checkpoint
@@ -33,7 +34,8 @@ from training.schedule import make_scheduler, steps_per_epoch, total_steps
 def example_order(num_examples: int, positions: range, seed: int, stage: int) -> list[int]:
     """Example indices at the given positions of the stage's stream of seeded per-epoch permutations."""
     order: list[int] = []
-    cached_epoch, perm = -1, None
+    cached_epoch = -1
+    perm: list[int] = []  # drawn at the first position (its epoch >= 0 differs from -1)
     for position in positions:
         epoch = position // num_examples
         if epoch != cached_epoch:
@@ -125,6 +127,7 @@ class StageTrainer:
         if self.world.enabled:  # gradients are all-reduced before the DOG signal is accumulated
             self.loss_module = nn.parallel.DistributedDataParallel(self.loss_module, broadcast_buffers=False)
         if train.gradient_checkpointing:
+            assert isinstance(self.model, PreTrainedModel)  # checkpointing is transformers' switch
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def train(self, output: OutputConfig) -> StageResult:
@@ -180,7 +183,10 @@ class StageTrainer:
         for k, batch in enumerate(batches):
             batch = {key: v.to(device) for key, v in batch.items()}
             sync = k == len(batches) - 1 or not world.enabled
-            no_sync = self.loss_module.no_sync() if not sync else contextlib.nullcontext()
+            no_sync: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+            if not sync:  # only with world.enabled, i.e. under DistributedDataParallel
+                assert isinstance(self.loss_module, nn.parallel.DistributedDataParallel)
+                no_sync = self.loss_module.no_sync()
             with self._autocast(), no_sync:
                 loss_sum, _ = self.loss_module(batch)
                 # DDP averages gradients over ranks; scaling by world size makes it the global token mean.
@@ -189,7 +195,7 @@ class StageTrainer:
                 if aux is not None and self.aux_loss_coef > 0:
                     loss = loss + self.aux_loss_coef * aux / len(batches)
                 loss = self._add_extra_losses(loss, len(batches))
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
             loss_total += loss_sum.item() / tokens
             aux_total += aux.item() / len(batches) if aux is not None else 0.0
         return StepLoss(loss_total, aux_total)
@@ -245,6 +251,7 @@ class StageTrainer:
 
     def cleanup(self) -> None:
         if self.cfg.gradient_checkpointing:
+            assert isinstance(self.model, PreTrainedModel)  # checkpointing is transformers' switch
             self.model.gradient_checkpointing_disable()
 
 

@@ -67,7 +67,8 @@ def extend_basis(basis: torch.Tensor, gram: torch.Tensor, energy: float) -> torc
 def top_direction(gram: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """The direction orthogonal to basis (d, m) that carries most of `gram`'s energy (d,) (a new key)."""
     proj = torch.eye(gram.shape[0], dtype=gram.dtype) - basis @ basis.t()  # (d, d)
-    return torch.linalg.eigh(proj @ gram @ proj).eigenvectors[:, -1]
+    vectors: torch.Tensor = torch.linalg.eigh(proj @ gram @ proj).eigenvectors  # (d, d) ascending
+    return vectors[:, -1]
 
 
 class BranchLinear(RoutedAdapterLinear):
@@ -75,6 +76,8 @@ class BranchLinear(RoutedAdapterLinear):
 
     Buffer `branches_done` () counts the stages trained so far, i.e. the branch the next stage trains.
     """
+
+    branches_done: torch.Tensor
 
     def __init__(
         self, base: nn.Linear, spec: LayerSpec, generator: torch.Generator | None = None, stored: None = None
@@ -101,6 +104,8 @@ class GatedBranchLinear(BranchLinear):
     """
 
     servable: ClassVar[bool] = False
+    gate_basis: torch.Tensor
+    gate_basis_rank: torch.Tensor
 
     def __init__(
         self, base: nn.Linear, spec: LayerSpec, generator: torch.Generator | None = None, stored: None = None
@@ -121,6 +126,7 @@ class GatedBranchLinear(BranchLinear):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gate values as dense weights (T, K); every branch is 'selected' (its gate may be 0)."""
+        assert self.router is not None  # the gate keys: GainLoRA's router is 'dense', never 'none'
         keys = self.router.weight.float()  # (K, d_in)
         with float32_region(x):
             logits = x.float() @ keys.t()  # (T, K), kept for the routing statistics only

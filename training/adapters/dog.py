@@ -109,7 +109,8 @@ def orthogonal_directions(centroids: Tensor) -> Tensor:
     if k > d:
         raise ValueError(f"need K <= D for {k} orthonormal directions in dimension {d}")
     u, _, vh = torch.linalg.svd(host64(centroids), full_matrices=False)  # (K, K), (K, D)
-    return (u @ vh).to(centroids.dtype)  # (K, D) on the CPU
+    directions: Tensor = (u @ vh).to(centroids.dtype)  # (K, D) on the CPU
+    return directions
 
 
 def balanced_assign(scores: Tensor, capacity: int) -> Tensor:

@@ -14,7 +14,7 @@ from badit_serve.core.routing import RouterMode, routed_delta, router_logits, ro
 from training.adapters.init import kaiming_lora_a, olora_factors, top_singular_components
 
 
-def float32_region(x: torch.Tensor) -> contextlib.AbstractContextManager:
+def float32_region(x: torch.Tensor) -> contextlib.AbstractContextManager[None]:
     """Autocast off on x's device: what runs inside computes in the dtype of its inputs (float32 here)."""
     return torch.autocast(device_type=x.device.type, enabled=False)
 
@@ -83,6 +83,15 @@ class RoutedAdapterLinear(nn.Module):
 
     servable: ClassVar[bool] = True
     """Whether the export format (badit_serve's routed math) computes this layer; subclasses may say no."""
+
+    # Buffers (registered in __init__), declared for the type checker.
+    lora_a0: torch.Tensor | None
+    lora_b0: torch.Tensor | None
+    component_ids: torch.Tensor
+    singular_values: torch.Tensor
+    dog_grad_a: torch.Tensor
+    dog_grad_b: torch.Tensor
+    dog_steps: torch.Tensor
 
     def __init__(
         self,
@@ -179,6 +188,7 @@ class RoutedAdapterLinear(nn.Module):
             x, weights = x.float(), weights.float()  # (T, d_in), (T, K)
             delta = routed_delta(x, weights, self.lora_a.float(), self.lora_b.float(), s)  # (T, d_out)
             if self.spec.is_delta:  # separate call: bitwise-identical terms cancel exactly at init
+                assert self.lora_a0 is not None and self.lora_b0 is not None  # set in the delta form
                 a0, b0 = self.lora_a0.float(), self.lora_b0.float()  # (K*r, d_in), (d_out, K*r)
                 delta = delta - routed_delta(x, weights, a0, b0, s)  # (T, d_out)
         return delta
@@ -188,13 +198,14 @@ class RoutedAdapterLinear(nn.Module):
         (expert e's block is [A_e; A0_e] and [B_e, -B0_e]) — what the export writes."""
         if not self.spec.is_delta:
             return self.lora_a, self.lora_b
+        assert self.lora_a0 is not None and self.lora_b0 is not None  # set in the delta form
         k, r = self.spec.num_experts, self.spec.rank
         a = torch.cat([self.lora_a.view(k, r, -1), self.lora_a0.view(k, r, -1)], dim=1)  # (K, 2r, d_in)
         b = torch.cat([self.lora_b.view(-1, k, r), -self.lora_b0.view(-1, k, r)], dim=2)  # (d_out, K, 2r)
         return a.reshape(k * 2 * r, -1), b.reshape(-1, k * 2 * r)  # (K*2r, d_in), (d_out, K*2r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)  # (..., d_out)
+        out: torch.Tensor = self.base(x)  # (..., d_out)
         flat = x.reshape(-1, self.in_features)  # (T, d_in)
         logits, weights, selected = self.route(flat)  # (T, K) each, float32
         delta = self.expert_delta(self.dropout(flat.float()), weights)  # (T, d_out) float32
@@ -244,6 +255,7 @@ class RoutedAdapterLinear(nn.Module):
         self.lora_a.copy_(self.lora_a[perm])
         self.lora_b.copy_(self.lora_b[:, perm])
         if self.spec.is_delta:
+            assert self.lora_a0 is not None and self.lora_b0 is not None  # set in the delta form
             self.lora_a0.copy_(self.lora_a0[perm])
             self.lora_b0.copy_(self.lora_b0[:, perm])
         self.component_ids.copy_(self.component_ids[perm])

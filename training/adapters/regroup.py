@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -56,12 +57,12 @@ class RegroupReport:
         values = [getattr(r, key) for r in self.layers]
         return sum(values) / len(values) if values else float("nan")
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """Flat numbers for metrics.jsonl."""
         keys = ("intra_before", "inter_before", "intra_after", "inter_after")
         return {"moved": self.moved, "kl_drift": self.kl_drift, **{k: self.mean(k) for k in keys}}
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {**self.summary(), "layers": [asdict(r) for r in self.layers]}
 
 
@@ -162,7 +163,7 @@ def regroup(
         layer_report = _regroup_layer(name, layer, optimizer, config)
         if layer_report is not None:
             report.layers.append(layer_report)
-    if before is not None:
+    if before is not None and probe_batch is not None:  # before is measured iff there is a probe batch
         after = _next_token_log_probs(model, probe_batch)
         report.kl_drift = mean_token_kl(before, after, probe_batch.get("attention_mask"))
     return report

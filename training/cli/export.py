@@ -84,6 +84,7 @@ def export_run(
     out = writer(model, model_dir, out_dir, dog_history=history, task_shares=shares, force=force)
     if dense:
         dense_dir = out_dir.with_name(out_dir.name + "-dense")
+        assert mean_weights is not None  # dense: the loaded tasks' prompts were measured above
         export_dense(model, model_dir, dense_dir, mean_weights, force=force)
         _report_dense(model, dense_dir, tokenizer, tasks, cfg, interleaved_probe(prompts, probe_size))
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from badit_serve.core.exit_codes import run_cli
 from training.checkpoint import CheckpointError
@@ -15,7 +16,7 @@ from training.run import RunError, run
 from training.run_dir import RunDir
 
 
-def _summary(scores: dict, run_dir: Path) -> str:
+def _summary(scores: dict[str, Any], run_dir: Path) -> str:
     lines = [f"\nBadit run finished: {run_dir}", f"  mode        {scores['mode']}"]
     if scores.get("rouge_l") is not None:
         lines.append(f"  Rouge-L     {scores['rouge_l']:.2f}   exact match {scores['exact_match']:.2f}")

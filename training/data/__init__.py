@@ -2,7 +2,6 @@
 
 from training.data.collate import collate_prompts, collate_train
 from training.data.prompts import (
-    IGNORE_INDEX,
     PromptFormat,
     TrainExample,
     build_prompt,
@@ -21,6 +20,7 @@ from training.data.superni import (
     load_task,
     load_tasks,
 )
+from training.loss import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX",

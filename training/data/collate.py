@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from training.data.prompts import IGNORE_INDEX, TrainExample
+from training.data.prompts import TrainExample
+from training.loss import IGNORE_INDEX
 
 
 def collate_train(examples: Sequence[TrainExample], pad_id: int) -> dict[str, torch.Tensor]:

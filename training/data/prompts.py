@@ -63,7 +63,9 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, definition: str, input: str
     """The prompt text of one instance in format `fmt`."""
     if fmt == "chat":
         messages = [{"role": "user", "content": chat_user_turn(definition, input)}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert isinstance(prompt, str)  # tokenize=False: the rendered text
+        return prompt
     if fmt == "raw":
         return f"Definition: {definition}\n\nNow complete the following example -\nInput: {input}\nOutput: "
     raise ValueError(f"unknown prompt format {fmt!r} (expected 'chat' or 'raw')")
@@ -71,7 +73,8 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, definition: str, input: str
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of `text` with no special tokens added (the chat template already holds them)."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids
 
 
 def choose_reference(instance: Instance, reference_seed: int) -> int:

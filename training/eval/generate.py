@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import GenerationMixin, PreTrainedTokenizerBase
 
 from training.config import EvalConfig
 from training.data.collate import collate_prompts
@@ -45,6 +45,7 @@ def generate_predictions(
         raise ValueError(f"prompt #{empty[0]} is empty; generation needs at least one prompt token")
     order = sorted(range(len(prompts)), key=lambda k: -len(prompts[k]))  # stable: ties keep input order
     predictions: list[str] = [""] * len(prompts)
+    assert isinstance(model, GenerationMixin)  # a transformers causal LM
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -54,7 +55,9 @@ def generate_predictions(
                 rows = order[start : start + batch_size]
                 batch = collate_prompts([prompts[k] for k in rows], pad_token_id)
                 input_ids = batch["input_ids"].to(device)  # (B, P) left padded
-                output = model.generate(
+                # transformers types generate's self as its GenerativePreTrainedModel protocol, which a
+                # PreTrainedModel with GenerationMixin does not match structurally
+                output = model.generate(  # type: ignore[misc]
                     input_ids=input_ids,
                     attention_mask=batch["attention_mask"].to(device),
                     max_new_tokens=max_new_tokens,
@@ -67,6 +70,7 @@ def generate_predictions(
                 new_tokens = output[:, input_ids.shape[1] :].tolist()  # (B, N)
                 for k, tokens in zip(rows, new_tokens, strict=True):
                     text = tokenizer.decode(_until_eos(tokens, eos_token_id), skip_special_tokens=True)
+                    assert isinstance(text, str)  # one sequence decodes to one string
                     predictions[k] = text.strip()
                 bar.update(len(rows))
     finally:

@@ -31,7 +31,7 @@ def _check_references(references: Sequence[str]) -> None:
 def rouge_l(prediction: str, references: Sequence[str]) -> float:
     """Best Rouge-L F1 of `prediction` over `references`, in percent (0-100)."""
     _check_references(references)
-    return 100.0 * max(_SCORER.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+    return 100.0 * max(float(_SCORER.score(ref, prediction)["rougeL"].fmeasure) for ref in references)
 
 
 def normalize_answer(text: str) -> str:

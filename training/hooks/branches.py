@@ -13,6 +13,8 @@ on_stage_end       GainLoRA: earlier-task subspace extended with this task's inp
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -48,13 +50,15 @@ def input_grams(
         m.register_forward_pre_hook(lambda _m, args, name=name: captured.__setitem__(name, args[0]))
         for name, m in layers.items()
     ]
+    body = model.model  # the causal LM's decoder stack: no logits needed
+    assert isinstance(body, nn.Module)
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
     try:
         for k in range(0, len(examples), batch_size):
             batch = collate_train(examples[k : k + batch_size], pad_id)
             mask = batch["attention_mask"].bool()  # (B, L)
-            model.model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long().to(device))
+            body(input_ids=batch["input_ids"].to(device), attention_mask=mask.long().to(device))
             for name, x in captured.items():
                 tokens = x[mask.to(x.device)].double().cpu()  # (N, d_in)
                 grams[name] += tokens.t() @ tokens
@@ -110,10 +114,12 @@ class BranchHook(TrainerHook):
             for key, param in _branch_params(layer).items():
                 index = _current(layer, key)
                 current = param[index].clone()
+                assert self.frozen is not None  # remembered by before_optimizer, which runs first
                 param.copy_(self.frozen[name][key])
                 param[index] = current
             if isinstance(layer, GatedBranchLinear):
                 b = int(layer.branches_done)
+                assert layer.router is not None  # the gate keys
                 layer.router.weight[b] = project_out(layer.router.weight[b], layer.basis())
 
     def on_stage_end(self, state: TrainState) -> None:
@@ -133,15 +139,16 @@ class BranchHook(TrainerHook):
 def _init_key(layer: BranchLinear, gram: torch.Tensor) -> None:
     """Initialisation constraint: the new key is orthogonal to earlier tasks' input subspace, along the
     direction that carries most of this task's input energy there (so its gate opens on this task)."""
-    assert isinstance(layer, GatedBranchLinear)
+    assert isinstance(layer, GatedBranchLinear) and layer.router is not None
     key = layer.router.weight[int(layer.branches_done)]  # (d_in,)
     direction = top_direction(gram, layer.basis().double()).float()  # (d_in,)
     key.copy_(direction * key.norm())  # the gate reads cos(x, k); keep the init's norm for the optimiser
 
 
-def _branch_params(layer: BranchLinear) -> dict[str, nn.Parameter]:
-    params = {"lora_a": layer.lora_a, "lora_b": layer.lora_b}
+def _branch_params(layer: BranchLinear) -> dict[str, torch.Tensor]:
+    params: dict[str, torch.Tensor] = {"lora_a": layer.lora_a, "lora_b": layer.lora_b}
     if isinstance(layer, GatedBranchLinear):
+        assert layer.router is not None  # the gate keys
         params["router"] = layer.router.weight
     return params
 
@@ -155,7 +162,7 @@ def _current(layer: BranchLinear, key: str) -> tuple[slice, ...]:
 def _mask_gradients(layer: BranchLinear) -> list[torch.utils.hooks.RemovableHandle]:
     """Zero the gradient of every branch but the current one."""
 
-    def masked(key: str):
+    def masked(key: str) -> Callable[[torch.Tensor], torch.Tensor]:
         def hook(grad: torch.Tensor) -> torch.Tensor:
             index = _current(layer, key)
             out = torch.zeros_like(grad)
@@ -164,4 +171,5 @@ def _mask_gradients(layer: BranchLinear) -> list[torch.utils.hooks.RemovableHand
 
         return hook
 
-    return [param.register_hook(masked(key)) for key, param in _branch_params(layer).items()]
+    # torch's Tensor.register_hook is unannotated
+    return [param.register_hook(masked(key)) for key, param in _branch_params(layer).items()]  # type: ignore[no-untyped-call]
