@@ -16,15 +16,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from badit_serve.core.cpu_features import hardware_native_bf16
 from badit_serve.core.reference import load_reference_model
 from tests.support.badit_exports import make_export, reference_scores
 from tests.support.tiny_models import TINY_VOCAB
 
 LOGPROB_ATOL = 1e-3
 """Both sides compute in float32; observed differences are ~1e-5 (llama, qwen3) to ~2e-4 (gemma2)."""
-BF16_LOGPROB_ATOL = 0.1
+NATIVE_BF16_LOGPROB_ATOL = 0.1
 """vLLM in bfloat16 (8 mantissa bits in every weight and activation) vs the float32 reference, per token of
-the tiny models' 12 greedy tokens (observed: see test_vllm_bfloat16_stays_close_to_the_float32_reference)."""
+the tiny models' 12 greedy tokens, on a CPU with native bfloat16 (observed: llama 0.035, qwen3 0.045)."""
+BF16_LOGPROB_ATOL = NATIVE_BF16_LOGPROB_ATOL if hardware_native_bf16() else 0.3
+"""Without native bfloat16 (AVX2 only) vLLM's CPU kernels compute bfloat16 by conversion, with other
+rounding (observed on a 2-core AMD EPYC with AVX2 only: llama 0.050, qwen3 0.209). badit-serve serves float32
+there by default; this bounds what `--dtype bfloat16` gives. The hardware decides, not the forced probe."""
 MAX_TOKENS = 12
 # Token ids inside the tiny tokenizer's vocabulary (the last id included).
 PROMPTS = [[1, 5, 9, 200, 33], [1, 77, 78], [1, 4000, 12, 901, 17, 17, 3500, 42, 8, 640], [1, TINY_VOCAB - 1]]
@@ -151,9 +156,13 @@ def test_vllm_bfloat16_stays_close_to_the_float32_reference(
         f"{family} bfloat16: max |logprob diff| {worst_lp:.3f}, max tie gap {worst_tie:.3f}, {exact} of {len(PROMPTS)} exact"
     )
     assert worst_lp < BF16_LOGPROB_ATOL and worst_tie < BF16_LOGPROB_ATOL
-    # The bound has teeth: without the experts the same tokens score further from vLLM's logprobs.
+    # The bound has teeth: without the experts the same tokens score further from vLLM's logprobs than twice
+    # the native bfloat16 bound.
     for routed in reference.modules():
         if hasattr(routed, "lora_b"):
             routed.lora_b.zero_()
     plain = reference_scores(reference, PROMPTS[0], served[0]["token_ids"])[1]
-    assert max(abs(a - b) for a, b in zip(plain, served[0]["logprobs"], strict=True)) > 2 * BF16_LOGPROB_ATOL
+    assert (
+        max(abs(a - b) for a, b in zip(plain, served[0]["logprobs"], strict=True))
+        > 2 * NATIVE_BF16_LOGPROB_ATOL
+    )
