@@ -99,11 +99,12 @@ def _start(export: Path, root: Path) -> ServerProcess:
 
 async def _load_then_signal(url: str, send: Callable[[], None]) -> tuple[list[Client], float]:
     """CLIENTS clients stream MAX_TOKENS requests back to back until 2 × CLIENTS have completed; then each
-    starts one of LONG_TOKENS, and `send()` goes once every client has received a first event of its long
-    one, so every client has a stream in flight when the signal arrives and none can finish in the time a
-    shutdown takes (deterministic: the old trigger, half the streams mid-way, let 200-token streams finish
-    and clients reconnect to a closing server before the signal took effect). Returns the clients and the
-    monotonic time the signal was sent."""
+    sends one of LONG_TOKENS, its last, and `send()` goes once every client has sent its long request and
+    one of them streams, so every client has a request in flight when the signal arrives and none can finish
+    it first. (Two earlier triggers raced: half the streams mid-way let 200-token streams finish and clients
+    reconnect to a closing server; waiting for every long stream's first event let one 1,000-token stream
+    finish while the API server had not yet answered others: seen on 2-core machines, in CI and here.)
+    Returns the clients and the monotonic time the signal was sent."""
     completed = 0
     body = {
         "model": MODEL,
@@ -132,12 +133,12 @@ async def _load_then_signal(url: str, send: Callable[[], None]) -> tuple[list[Cl
 
         tasks = [asyncio.create_task(client(c)) for c in range(CLIENTS)]
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:  # the signal goes once every client streams its long request
+        while True:  # the signal goes once every client has sent its long request and one streams it
             streaming = [r for c, r in enumerate(current) if long[c] and r and r.status == 200 and r.events]
-            if len(streaming) == CLIENTS:
+            if all(long) and streaming:
                 break
             assert not any(t.done() for t in tasks), f"a client stopped before the signal: {current}"
-            assert time.monotonic() < deadline, f"never every client streaming a long request: {current}"
+            assert time.monotonic() < deadline, f"never every client on its long request: {current}"
             await asyncio.sleep(0.01)
         sent = time.monotonic()
         send()
