@@ -14,7 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from badit_serve.core.adapter import check_base, load_adapter
 from badit_serve.core.export_io import ExportError, LoadedExport, load_export
 from badit_serve.core.format import BaditBlock
-from badit_serve.core.routing import routed_delta, router_logits, routing_weights
+from badit_serve.core.routing import routed_delta, router_logits, routing_weights, steer_logits, top_experts
+from badit_serve.core.steering import SteeringSpec
 
 
 class RoutedLinear(nn.Module):
@@ -31,16 +32,46 @@ class RoutedLinear(nn.Module):
             None if router is None else nn.Parameter(router.float(), requires_grad=False)
         )  # (K, d_in)
         self.last_selected: torch.Tensor | None = None
+        self.last_experts: torch.Tensor | None = None
+        """(T, width) int64: the experts each token of the last forward was routed to, best first."""
+        self.steer_bias: torch.Tensor | None = None
+        """(K,) float32 added to the router logits (`badit_serve.core.steering`), or None."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.base(x)  # (..., d_out)
         flat = x.reshape(-1, x.shape[-1]).float()  # (T, d_in)
-        logits = router_logits(flat, self.router)  # (T, K)
+        logits = steer_logits(router_logits(flat, self.router), self.steer_bias)  # (T, K)
         b = self.block
         weights, selected = routing_weights(logits, b.top_k, b.router, b.gate_scale)
         self.last_selected = selected
+        self.last_experts = top_experts(logits, steering_spec(b).width)  # (T, width)
         delta = routed_delta(flat, weights, self.lora_a, self.lora_b, b.scaling)  # (T, d_out)
         return out + delta.view(*x.shape[:-1], -1).to(out.dtype)
+
+
+def steering_spec(block: BaditBlock) -> SteeringSpec:
+    """What steering validation needs of an export's routing."""
+    return SteeringSpec(block.num_experts, block.top_k, block.router)
+
+
+def routed_layers(model: nn.Module) -> list[RoutedLinear]:
+    """The model's routed layers in `badit.adapted_modules` order (the layer axis of routed experts)."""
+    block: BaditBlock = model.badit_block  # type: ignore[assignment]
+    return [model.get_submodule(name) for name in block.adapted_modules]  # type: ignore[misc]
+
+
+def set_steering(model: nn.Module, bias: tuple[float, ...] | None) -> None:
+    """Steer every routed layer of a reference model with one request's bias (`Steering.bias`), or stop."""
+    for layer in routed_layers(model):
+        layer.steer_bias = None if bias is None else torch.tensor(bias, dtype=torch.float32)  # (K,)
+
+
+def last_routed_experts(model: nn.Module) -> torch.Tensor:
+    """(T, layers, width) int64: the experts of every token and routed layer in the last forward (batch 1)."""
+    ids = [layer.last_experts for layer in routed_layers(model)]
+    if any(i is None for i in ids):
+        raise RuntimeError("last_routed_experts before a forward pass")
+    return torch.stack(ids, dim=1)  # type: ignore[arg-type]  # (T, L, width)
 
 
 def _load_base_weights(model: PreTrainedModel, bundle: LoadedExport) -> None:

@@ -63,3 +63,15 @@ def routed_delta(
     hidden = x @ lora_a.t()  # (T, K*R)
     hidden = hidden.view(num_tokens, num_experts, rank) * weights.unsqueeze(-1)  # (T, K, R)
     return (hidden.view(num_tokens, num_experts * rank) @ lora_b.t()) * scaling  # (T, d_out)
+
+
+def steer_logits(logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Router logits (T, K) float32 plus a per-token steering bias (T, K) or (K,) float32 (-inf on masked
+    experts, `badit_serve.core.steering`); None or zeros leave them bit for bit (x + 0.0 == x)."""
+    return logits if bias is None else logits + bias  # (T, K)
+
+
+def top_experts(logits: torch.Tensor, width: int) -> torch.Tensor:
+    """The experts each token is routed to, best first: (T, width) int64 from logits (T, K). For mode
+    'topk' width = top_k (the same `topk` as `routing_weights`); 'dense' lists all K; 'none' (T, 1) zeros."""
+    return torch.topk(logits, width, dim=-1).indices  # (T, width)
