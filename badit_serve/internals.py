@@ -116,6 +116,106 @@ def lora_slot_ids(model_runner: Any) -> Callable[[], list[int | None]]:
     return lambda: list(manager.lora_index_to_id)
 
 
+# --- vLLM's model runner and scheduler output (per-request routing) ---------------------------------------
+
+
+def accept_routed_experts_for_badit(is_badit: Callable[[Any], bool]) -> None:
+    """Let vLLM's `--enable-return-routed-experts` (`AuxOutputConfig.enable_return_routed_experts`,
+    vllm/config/aux_output.py) through for Badit models. With it the scheduler builds its
+    `AuxOutputSchedulerConnector` (vllm/v1/core/sched/scheduler.py), which takes each step's
+    `ModelRunnerOutput.aux_output_connector_output` into `EngineCoreOutput.routed_experts`, and the OpenAI
+    server returns `routed_experts` in the choice. vLLM's check `VllmConfig._verify_aux_output_compatibility`
+    (vllm/config/vllm.py, run by `__post_init__` in the API server and again in the engine core after its
+    handshake) refuses the flag outside MoE models on its V2 GPU runner, the only runner vLLM feeds, and
+    without prefix caching; Badit feeds the connector from its own layers on any runner
+    (`badit_serve.vllm_models.routed_output`), so for a config whose hf_config `is_badit` the check is
+    skipped. Other models keep vLLM's check. Installed by the plugin's `register()` in every process."""
+    from vllm.config import VllmConfig
+
+    original = VllmConfig._verify_aux_output_compatibility
+    if getattr(original, "badit", False):
+        return
+
+    def verify(self: Any) -> None:
+        if self.aux_output_config.enabled and is_badit(self.model_config.hf_config):
+            return
+        original(self)
+
+    verify.badit = True  # type: ignore[attr-defined]
+    VllmConfig._verify_aux_output_compatibility = verify  # type: ignore[method-assign]
+
+
+def wrap_runner_step(
+    model_runner: Any, before: Callable[[Any], None], after: Callable[[Any, Any], Any]
+) -> None:
+    """Run `before(scheduler_output)` before each `execute_model` of this model runner and
+    `output = after(output, scheduler_output)` on what its `sample_tokens` returns. Replaces both methods
+    on the instance (`GPUModelRunner.execute_model` / `sample_tokens`, vllm/v1/worker/gpu_model_runner.py,
+    which the CPU runner inherits): vLLM 0.32 has no per-step hook for a worker extension."""
+    execute, sample = model_runner.execute_model, model_runner.sample_tokens
+    pending: list[Any] = []
+
+    def execute_model(scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        before(scheduler_output)
+        pending.append(scheduler_output)
+        return execute(scheduler_output, *args, **kwargs)
+
+    def sample_tokens(*args: Any, **kwargs: Any) -> Any:
+        output = sample(*args, **kwargs)
+        return after(output, pending.pop(0) if pending else None)
+
+    model_runner.execute_model, model_runner.sample_tokens = execute_model, sample_tokens
+
+
+def step_requests(model_runner: Any) -> tuple[list[str], list[int], list[int], list[Any]]:
+    """The requests of the forward pass being run, in batch order: ids, first computed position, tokens
+    computed, and each one's `CachedRequestState` (vllm/v1/worker/gpu_input_batch.py; its public
+    `sampling_params` and `num_prompt_tokens`). Reads `GPUModelRunner.input_batch.req_ids` /
+    `num_computed_tokens_cpu` and `query_start_loc.np` (the host copy `_prepare_inputs` fills before the
+    forward pass), and `GPUModelRunner.requests`."""
+    batch = model_runner.input_batch
+    req_ids = [r for r in batch.req_ids if r is not None]
+    count = len(req_ids)
+    starts = model_runner.query_start_loc.np[: count + 1].tolist()
+    positions = batch.num_computed_tokens_cpu[:count].tolist()
+    counts = [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    return req_ids, positions, counts, [model_runner.requests[r] for r in req_ids]
+
+
+def finished_request_ids(scheduler_output: Any) -> set[str]:
+    """`SchedulerOutput.finished_req_ids` (vllm/v1/core/sched/output.py): requests finished since the last
+    step."""
+    return set(getattr(scheduler_output, "finished_req_ids", None) or ())
+
+
+def attach_routed_experts(output: Any, rows: Callable[[str, bool], tuple[int, Any] | None]) -> Any:
+    """Fill a step's `ModelRunnerOutput.aux_output_connector_output` (vllm/v1/outputs.py) with an
+    `AuxRequestOutput(token_start, rows)` (vllm/distributed/aux_output_connector/connector.py) for every
+    request of the step: `rows(req_id, sampled)`, sampled = the request got a token this step
+    (`sampled_token_ids`). An asynchronous output (`AsyncModelRunnerOutput`, GPU async scheduling) is
+    filled when its `get_output` resolves. Other outputs (a pipeline stage's intermediate tensors) pass."""
+    from vllm.distributed.aux_output_connector.connector import AuxRequestOutput
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    def fill(result: Any) -> Any:
+        if not isinstance(result, ModelRunnerOutput) or not result.req_ids:
+            return result
+        outputs = {}
+        for req_id in result.req_ids:
+            sampled = result.sampled_token_ids[result.req_id_to_index[req_id]]
+            taken = rows(req_id, len(sampled) > 0)
+            if taken is not None:
+                outputs[req_id] = AuxRequestOutput(*taken)
+        result.aux_output_connector_output = outputs
+        return result
+
+    get_output = getattr(output, "get_output", None)
+    if get_output is not None and not isinstance(output, ModelRunnerOutput):
+        output.get_output = lambda: fill(get_output())
+        return output
+    return fill(output)
+
+
 # --- vLLM's forward context and engine client -------------------------------------------------------------
 
 

@@ -98,7 +98,7 @@ def test_served_path_matches_routed_delta(mode: str, k: int, top_k: int) -> None
     experts = ServedExperts.build(router, lora_a, lora_b, 0.75, k, torch.float32)
     base = torch.randn(tokens, 2 * d_out, generator=gen)  # the delta lands in the first half, in place
     out = base.clone()
-    weights, selected, weighted = served_routing(x, experts, spec)
+    weights, selected, weighted, _ = served_routing(x, experts, spec)
     add_served_delta(out[:, :d_out], weighted, experts)
     assert torch.equal(selected, ref_selected)
     torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
@@ -161,7 +161,7 @@ def test_slots_give_each_token_its_own_adapters_routed_delta(
     x = torch.randn(indices.shape[0], d_in, generator=gen)
     base = torch.randn(indices.shape[0], 2 * d_out, generator=gen)
     out = base.clone()
-    weights, selected, weighted = served_routing(x, stacked, spec, slots)
+    weights, selected, weighted, _ = served_routing(x, stacked, spec, slots)
     add_served_delta(out[:, :d_out], weighted, stacked, slots)
     owner = {2: 0, 0: 1, 1: 2}  # slot -> adapter
     for t, slot in enumerate(indices.tolist()):

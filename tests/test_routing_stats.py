@@ -92,6 +92,7 @@ class _Routed(nn.Module):
     def __init__(self, experts: list, num_real: torch.Tensor, spec) -> None:
         super().__init__()
         self.experts, self.spec = experts, spec
+        self.width = {"topk": spec.top_k, "dense": spec.num_experts, "none": 1}[spec.mode]
         self.register_buffer("num_real", num_real, persistent=False)
         self.register_buffer("gate_scale", torch.tensor(spec.gate_scale), persistent=False)
 
@@ -105,7 +106,7 @@ class _Routed(nn.Module):
             spec = self.spec
             outs.append(
                 route_and_count(
-                    x, hidden, served.router, self.num_real, spec.top_k, spec.mode, self.gate_scale
+                    x, hidden, served.router, self.num_real, spec, self.gate_scale, None, self.width
                 )
             )
         return outs
@@ -139,8 +140,9 @@ def test_route_and_count_equals_the_served_routing_and_counts_real_rows(
     for tokens, real in ((7, 7), (5, 3)):
         x = torch.randn(tokens, D_IN, generator=gen)
         num_real.fill_(real)
-        for served, (weighted, counts, sums) in zip(experts, run(x), strict=True):
-            weights, selected, expected = served_routing(x, served, spec)
+        for served, (weighted, counts, sums, chosen) in zip(experts, run(x), strict=True):
+            weights, selected, expected, expected_chosen = served_routing(x, served, spec, width=layers.width)
             torch.testing.assert_close(weighted, expected)
+            assert chosen.tolist() == expected_chosen.tolist()
             assert counts.tolist() == selected[:real].sum(0).tolist()
             torch.testing.assert_close(sums, weights[:real].sum(0).double())

@@ -2,7 +2,8 @@
 
     badit-serve EXPORT_DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--served-model-name NAME]
                 [--no-verify-checksums] [--max-n 8] [--max-tokens 1024] [--max-messages 128]
-                [--max-in-flight 64] [--max-body-bytes 1048576] [--retry-after 5] [any other `vllm serve` option, passed through]
+                [--max-in-flight 64] [--max-body-bytes 1048576] [--retry-after 5] [--return-routed-experts]
+                [any other `vllm serve` option, passed through]
 
 EXPORT_DIR comes first (an unknown option's value before it would be taken for the directory).
 Environment: BADIT_API_KEY is the default of --api-key; BADIT_SERVE_ARGS (shell-split) is appended to the
@@ -109,8 +110,28 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     parser.add_argument(
         "--no-verify-checksums", action="store_true", help="skip the sha256 check of the export"
     )
+    parser.add_argument(
+        "--return-routed-experts",
+        "--enable-return-routed-experts",  # vLLM's own flag for MoE models, taken over here
+        dest="return_routed_experts",
+        action="store_true",
+        help="return each request's routed experts per token and layer in the choice's `routed_experts` "
+        "(vLLM's field and encoding) and allow `badit_abilities`; turns prefix caching off unless "
+        "--enable-prefix-caching is given (cached prompt tokens are then reported as no expert)",
+    )
     add_limit_arguments(parser)
     return parser
+
+
+def routed_experts_args(opts: argparse.Namespace, passthrough: list[str]) -> list[str]:
+    """For --return-routed-experts: vLLM's own flag (which the plugin lets through for Badit models), and
+    --no-enable-prefix-caching unless prefix caching is asked for (a prompt token read from the cache is
+    never routed, so it has no experts)."""
+    if not opts.return_routed_experts:
+        return []
+    caching = ("--enable-prefix-caching", "--no-enable-prefix-caching")
+    keep = [] if any(_given(passthrough, flag) for flag in caching) else ["--no-enable-prefix-caching"]
+    return ["--enable-return-routed-experts", *keep]
 
 
 LIMIT_FLAGS = {  # RequestLimits field -> badit-serve flag
@@ -243,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
     metrics_dir = prepare_environment(os.environ)  # before vLLM / prometheus_client are imported
     export_limits(os.environ, limits)
+    extra += routed_experts_args(opts, passthrough)
     atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
 
     from vllm.platforms import current_platform

@@ -90,6 +90,23 @@ class BaditWorkerExtension:
             "layers": [asdict(layer) for layer in layers],
         }
 
+    def badit_start_request_routing(self) -> dict[str, Any]:
+        """Per-request steering and routed-experts output (`routed_output`); called once at server start.
+        Returns what the API server validates requests against."""
+        from badit_serve.vllm_models.routed_output import install_request_routing
+
+        routing = install_request_routing(self.model_runner)  # type: ignore[attr-defined]
+        if routing is None:
+            return {}
+        spec = routing.spec
+        return {
+            "num_experts": spec.num_experts,
+            "top_k": spec.top_k,
+            "mode": spec.mode,
+            "returns_routed_experts": routing.buffers.routes is not None,
+            "report": self._badit_report(),
+        }
+
     def badit_adapter_names(self, names: dict[int, str], labels: dict[str, dict[str, str]]) -> None:
         """lora id -> adapter name and adapter -> expert ability labels, from the API server (multi-adapter
         mode): the counters' `adapter` and `label` labels."""

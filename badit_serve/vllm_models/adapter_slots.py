@@ -30,6 +30,7 @@ from vllm.lora.layers import BaseLayerWithLoRA
 from badit_serve.core.adapter import LORA_TARGET, SLOTS_CONFIG_KEY, SlotGeometry
 from badit_serve.internals import token_lora_indices
 from badit_serve.vllm_models.cpu_gemm import prepacked_gemm_factory
+from badit_serve.vllm_models.request_routing import capture_routes, layer_steering
 from badit_serve.vllm_models.routing_stats import real_rows, record_slot_routing
 from badit_serve.vllm_models.served_experts import (
     RoutingSpec,
@@ -71,6 +72,8 @@ def read_slot_geometry(hf_config: object) -> SlotGeometry | None:
 class BaditSlotsGateUp(BaseLayerWithLoRA):
     """gate_up_proj + per-token routed delta on the gate half, one adapter slot per LoRA slot."""
 
+    steer_bias: torch.Tensor | None
+    routes: torch.Tensor | None
     quant_method = None
     """The wrapped base layer is post-processed as its own module; without this, BaseLayerWithLoRA's
     attribute forwarding would make vLLM process (and repack) the same weights twice."""
@@ -126,6 +129,11 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
         self.record_stats = True
         # The model's shared real-row count (routing_stats.count_real_tokens).
         self.register_buffer("num_real", num_real, persistent=False)
+        # The model's steering bias (N, K) and routes capture (N, L, W), set by `attach_request_routing`.
+        self.register_buffer("steer_bias", None, persistent=False)
+        self.register_buffer("routes", None, persistent=False)
+        self.layer_index = 0
+        """This layer's column in the captured routes: its place in the adapted modules."""
 
     def reset_lora(self, index: int) -> None:
         self._notify(index)
@@ -171,7 +179,11 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
         gate_up, bias = self.base_layer(x)  # (T, 2 * I_local)
         flat = x.reshape(-1, x.shape[-1])  # (T, d_in)
         slots = self.token_slots(flat.shape[0])
-        weights, selected, weighted = served_routing(flat, self.served, self.spec, slots)  # (T, K) x2, (T, n)
+        steer, width = layer_steering(self.steer_bias, self.routes, flat.shape[0])  # (T, K) or None
+        weights, selected, weighted, experts = served_routing(
+            flat, self.served, self.spec, slots, steer, width
+        )  # (T, K) x2, (T, n), (T, W)
+        capture_routes(self.routes, self.layer_index, experts)
         if self.record_stats:
             record_slot_routing(slots.slot, selected, weights, self.expert_tokens, self.router_weight_sums)
         gate = gate_up.view(-1, gate_up.shape[-1])[:, : self.intermediate_local]  # (T, I_local) view

@@ -15,13 +15,14 @@ writes the number of real (non-padding) rows into the one tensor every routed la
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from badit_serve.core.adapter import SlotGeometry
 from badit_serve.core.format import BaditBlock
+from badit_serve.core.steering import SteeringSpec
 from badit_serve.vllm_models.adapter_slots import (
     BaditSlotsGateUp,
     install_slot_layers,
@@ -35,6 +36,13 @@ from badit_serve.vllm_models.mlp import (
     install_badit_mlps,
     read_badit_block,
     split_expert_weights,
+)
+from badit_serve.vllm_models.request_routing import (
+    RequestRoutingBuffers,
+    RoutedLayer,
+    attach_request_routing,
+    returns_routed_experts,
+    routing_capacity,
 )
 from badit_serve.vllm_models.routing_stats import count_real_tokens, new_real_row_count
 
@@ -52,17 +60,25 @@ class BaditCausalLMMixin:
     badit_dtype: torch.dtype
     badit_num_real: torch.Tensor
     """0-dim int64: this forward pass's real (non-padding) rows, read by every routed layer."""
+    badit_vllm_config: VllmConfig
+    badit_requests: RequestRoutingBuffers | None = None
+    """The per-request steering bias and routes capture every routed layer reads (`request_routing`)."""
+    badit_step_hook: Callable[[], None] | None = None
+    """Called before each forward pass (outside the compiled stack): the worker's per-request routing
+    writes the steering rows of the batch (`routed_output`, installed by the worker extension)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         geometry = read_slot_geometry(vllm_config.model_config.hf_config)
         if geometry is not None:  # a plain base with adapter slots (badit-serve BASE --adapter ...)
             use_float32_adapter_tensors(vllm_config)
             super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
+            self.badit_vllm_config = vllm_config
             self.badit_slots, self.badit_slot_layers, self.badit_mlps = geometry, {}, {}
             self._badit_register_row_count()
             return
         block = read_badit_block(vllm_config.model_config.hf_config)  # fail before building anything
         super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
+        self.badit_vllm_config = vllm_config
         self.badit_block = block
         dtype = vllm_config.model_config.dtype
         assert isinstance(dtype, torch.dtype)  # ModelConfig resolves "auto" and names to a torch.dtype
@@ -70,6 +86,26 @@ class BaditCausalLMMixin:
         self._badit_register_row_count()
         self.badit_mlps = install_badit_mlps(self, block, self.badit_num_real)  # type: ignore[arg-type]
         check_coverage(self.badit_mlps, block, self._badit_is_missing)
+        spec = SteeringSpec(block.num_experts, block.top_k, block.router)
+        self._badit_attach_requests(spec, block.adapted_modules, self.badit_mlps)
+
+    def _badit_attach_requests(
+        self, spec: SteeringSpec, adapted: list[str], installed: Mapping[str, RoutedLayer]
+    ) -> None:
+        """The model's per-request routing buffers (routes captured when the engine returns routed
+        experts), given to every routed layer here in adapted-module order."""
+        config = self.badit_vllm_config
+        self.badit_requests = RequestRoutingBuffers.allocate(
+            spec,
+            routing_capacity(config),
+            len(adapted),
+            capture=returns_routed_experts(config),
+            device=self.badit_num_real.device,
+        )
+        layers = [installed[name] for name in adapted if name in installed]
+        attach_request_routing(
+            layers, self.badit_requests, [adapted.index(name) for name in adapted if name in installed]
+        )
 
     def _badit_register_row_count(self) -> None:
         # Built under vLLM's target-device context, like the model's parameters.
@@ -78,6 +114,8 @@ class BaditCausalLMMixin:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The vLLM class's forward, after writing this pass's real-row count for the routed layers."""
         count_real_tokens(self.badit_num_real)
+        if self.badit_step_hook is not None:
+            self.badit_step_hook()
         return super().forward(*args, **kwargs)  # type: ignore[misc]
 
     def _badit_is_missing(self, name: str) -> bool:
@@ -92,7 +130,10 @@ class BaditCausalLMMixin:
         through vLLM's LoRA manager)."""
         if self.badit_slots is not None:
             loaded_base = super().load_weights(weights)  # type: ignore[misc]
-            self.badit_slot_layers = install_slot_layers(self, self.badit_slots, self.badit_num_real)  # type: ignore[arg-type]
+            geometry = self.badit_slots
+            self.badit_slot_layers = install_slot_layers(self, geometry, self.badit_num_real)  # type: ignore[arg-type]
+            spec = SteeringSpec(geometry.num_experts, geometry.top_k, geometry.router)  # type: ignore[arg-type]
+            self._badit_attach_requests(spec, geometry.adapted_modules, self.badit_slot_layers)
             return set(loaded_base)
         params = dict(self.named_parameters())  # type: ignore[attr-defined]
         loaded: set[str] = set()

@@ -38,16 +38,17 @@ import torch
 from torch import nn
 
 from badit_serve.core.format import EXPERT_MARK, BaditBlock, expert_prefix
-from badit_serve.core.routing import routing_weights
 from badit_serve.core.servable import check_block_servable
 from badit_serve.vllm_models.cpu_gemm import prepacked_gemm_factory
 from badit_serve.vllm_models.gated_act import gated_activation
+from badit_serve.vllm_models.request_routing import capture_routes, layer_steering
 from badit_serve.vllm_models.routing_stats import new_real_row_count, routing_increments
 from badit_serve.vllm_models.served_experts import (
     RoutingSpec,
     ServedExperts,
     served_delta,
     served_router_logits,
+    steered_choice,
     weigh_experts,
 )
 
@@ -114,6 +115,8 @@ class BaditMLP(nn.Module):
     gate_scale: torch.Tensor
     expert_tokens: torch.Tensor
     router_weight_sums: torch.Tensor
+    steer_bias: torch.Tensor | None
+    routes: torch.Tensor | None
 
     def __init__(
         self,
@@ -156,6 +159,11 @@ class BaditMLP(nn.Module):
             "router_weight_sums", torch.zeros(block.num_experts, dtype=torch.float64), persistent=False
         )
         self.record_stats = True
+        # The model's steering bias (N, K) and routes capture (N, L, W), set by `attach_request_routing`.
+        self.register_buffer("steer_bias", None, persistent=False)
+        self.register_buffer("routes", None, persistent=False)
+        self.layer_index = 0
+        """This layer's column in the captured routes: its place in `badit.adapted_modules`."""
 
     def prepare_served(self, dtype: torch.dtype) -> None:
         """Build the serving form of the experts and append A' to gate_up_proj's weight where it can ride
@@ -186,17 +194,23 @@ class BaditMLP(nn.Module):
         if self.served is None:
             raise RuntimeError("BaditMLP used before its experts were built (prepare_served)")
         out: torch.Tensor  # routed_mlp is untyped: torch's nested_compile_region has no return annotation
-        out, tokens, sums = routed_mlp(self, x)  # (T, d_model), (K,), (K,)
+        bias, width = layer_steering(self.steer_bias, self.routes, x.reshape(-1, x.shape[-1]).shape[0])
+        out, tokens, sums, experts = routed_mlp(self, x, bias, width)  # (T, d_model), (K,), (K,), (T, W)
         if self.record_stats:  # in place, where this layer runs (routing_stats: not in the last kernel)
             torch.ops.badit.add_routing_stats(self.expert_tokens, self.router_weight_sums, tokens, sums)
+        capture_routes(self.routes, self.layer_index, experts)
         return out
 
 
 @torch.compiler.nested_compile_region
-def routed_mlp(mlp: BaditMLP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One routed MLP without its side effects: the output (T, d_model) and the layer's routing statistics
+def routed_mlp(
+    mlp: BaditMLP, x: torch.Tensor, bias: torch.Tensor | None, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One routed MLP without its side effects: the output (T, d_model), the layer's routing statistics
     of this pass, the selected-token count (K,) int64 and the routing-weight sum (K,) float64 of the real
-    rows (which `BaditMLP.forward` adds into its buffers: a nested region may not mutate them).
+    rows, and the top `width` experts per token (T, width) int64 (which `BaditMLP.forward` adds into its
+    buffers: a nested region may not mutate them). bias: (T, K) float32 per-token steering of the router
+    logits (`request_routing`), or None.
 
     A nested compile region over the whole MLP: the layers differ only in their tensors (weights, packed
     GEMM handles, experts), so torch.compile traces and compiles the region once and every layer calls it.
@@ -214,9 +228,9 @@ def routed_mlp(mlp: BaditMLP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     else:
         hidden = served.a_gemm(flat.to(served.lora_a.dtype))  # (T, K*R)
     spec = mlp.spec
-    weighted, tokens, sums = route_and_count(
-        flat, hidden, served.router, mlp.num_real, spec.top_k, spec.mode, mlp.gate_scale
-    )  # (T, K*R), (K,), (K,)
+    weighted, tokens, sums, experts = route_and_count(
+        flat, hidden, served.router, mlp.num_real, spec, mlp.gate_scale, bias, width
+    )  # (T, K*R), (K,), (K,), (T, W)
     delta = served_delta(weighted, served)  # (T, I_local)
     gate, up = projected.split(mlp.intermediate_local, dim=-1)  # (..., I_local) x2
     gate = gate + delta.view_as(gate)  # (..., I_local), out of place: fused into the activation's kernel
@@ -225,7 +239,7 @@ def routed_mlp(mlp: BaditMLP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     else:
         activated = mlp.act_fn(torch.cat([gate, up], dim=-1))  # (..., I_local)
     out, _ = mlp.down_proj(activated)  # (T, d_model)
-    return out, tokens, sums
+    return out, tokens, sums, experts
 
 
 def route_and_count(
@@ -233,21 +247,27 @@ def route_and_count(
     hidden: torch.Tensor,
     router: torch.Tensor,
     num_real: torch.Tensor,
-    top_k: int,
-    mode: str,
+    spec: RoutingSpec,
     gate_scale: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One routed layer's routing (`badit_serve.core.routing`: float32 router logits, weights, the weighted
-    expert activations) and its routing statistics over the real rows (`routing_stats`).
+    bias: torch.Tensor | None = None,
+    width: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One routed layer's routing (`badit_serve.core.routing`: float32 router logits, steered by `bias`,
+    weights, the weighted expert activations), its routing statistics over the real rows (`routing_stats`)
+    and the top `width` experts per token.
 
     x: (T, d_in); hidden: (T, K*R) = A' x in the model dtype; router: (K, d_in) float32, no rows in mode
-    'none'; num_real: 0-dim int64; gate_scale: 0-dim float32. Returns weighted (T, K*R) in hidden's dtype,
-    the selected-token count (K,) int64 and the routing-weight sum (K,) float64 of the real rows.
+    'none'; num_real: 0-dim int64; gate_scale: 0-dim float32 (used instead of spec.gate_scale: a tensor is
+    nothing to specialise on); bias: (T, K) float32 or None. Returns weighted (T, K*R) in hidden's dtype,
+    the selected-token count (K,) int64 and the routing-weight sum (K,) float64 of the real rows, and the
+    experts (T, width) int64.
     """
     logits = served_router_logits(x, router)  # (T, K) float32
-    weights, selected = routing_weights(logits, top_k, mode, gate_scale)  # type: ignore[arg-type]  # (T, K) x2
+    weights, selected, experts = steered_choice(
+        logits, spec.top_k, spec.mode, gate_scale, bias, width
+    )  # (T, K) x2, (T, W)
     tokens, sums = routing_increments(selected, weights, num_real)  # (K,), (K,)
-    return weigh_experts(hidden, weights, hidden.dtype), tokens, sums  # (T, K*R), (K,), (K,)
+    return weigh_experts(hidden, weights, hidden.dtype), tokens, sums, experts
 
 
 def _can_fuse(layer: nn.Module, weight: torch.Tensor | None, lora_a: torch.Tensor) -> bool:

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from badit_serve.core.routing import RouterMode, router_logits, routing_weights
+from badit_serve.core.routing import RouterMode, router_logits, routing_weights, steer_logits, top_experts
 from badit_serve.internals import grouped_mm, module_apply
 
 
@@ -300,14 +301,55 @@ def _project(
     return _grouped_in_token_order(x, weight.view(num_slots, width, -1).transpose(1, 2), slots)  # (T, W)
 
 
-def served_routing(
-    x: torch.Tensor, experts: ServedExperts, spec: RoutingSpec, slots: SlotIndex | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The router in float32, A in the model dtype. x: (T, d_in) any dtype; slots: each token's adapter slot
-    (None with a single adapter); tokens that are not `slots.valid` get zero weights, no selection, no delta.
+NO_EXPERT = -1
+"""The routed expert of a token that went through none of the layer's experts (a base-model request among
+adapters, or a prompt token served from the prefix cache)."""
 
-    Returns weights (T, K) and selected (T, K) as `routing_weights` gives them, and the weighted expert
-    activations (T, K*R) in the dtype of `experts.lora_b`, ready for `served_delta`.
+
+class Routed(NamedTuple):
+    """One routed layer's routing of a batch."""
+
+    weights: torch.Tensor
+    """(T, K) routing weights, zero outside the selected experts."""
+    selected: torch.Tensor
+    """(T, K) bool."""
+    weighted: torch.Tensor
+    """(T, K*R) the weighted expert activations, ready for `served_delta`."""
+    experts: torch.Tensor
+    """(T, W) int64 the experts each token was routed to, best first (W = 0 when not asked for)."""
+
+
+def steered_choice(
+    logits: torch.Tensor,
+    top_k: int,
+    mode: RouterMode,
+    gate_scale: float | torch.Tensor,
+    bias: torch.Tensor | None,
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`routing_weights` of the steered logits (T, K) float32 (bias: (T, K) or None), and the top `width`
+    experts per token (T, width) int64, (T, 0) for width 0."""
+    logits = steer_logits(logits, bias)  # (T, K)
+    weights, selected = routing_weights(logits, top_k, mode, gate_scale)  # (T, K), (T, K)
+    experts = top_experts(logits, width) if width else logits.new_empty(logits.shape[0], 0, dtype=torch.int64)
+    return weights, selected, experts  # (T, K), (T, K), (T, width)
+
+
+def served_routing(
+    x: torch.Tensor,
+    experts: ServedExperts,
+    spec: RoutingSpec,
+    slots: SlotIndex | None = None,
+    bias: torch.Tensor | None = None,
+    width: int = 0,
+) -> Routed:
+    """The router in float32, A in the model dtype. x: (T, d_in) any dtype; slots: each token's adapter slot
+    (None with a single adapter); tokens that are not `slots.valid` get zero weights, no selection, no delta
+    and NO_EXPERT (-1) as their experts; bias: (T, K) float32 steering of the router logits, or None; width:
+    how many experts per token to return (0: none).
+
+    Returns weights (T, K) and selected (T, K) as `routing_weights` gives them, the weighted expert
+    activations (T, K*R) in the dtype of `experts.lora_b`, and the routed experts (T, width).
     """
     num_tokens = x.shape[0]
     if experts.num_router:
@@ -315,11 +357,14 @@ def served_routing(
     else:
         logits = x.new_zeros(num_tokens, 1, dtype=torch.float32)  # (T, 1)
     hidden = _project(x.to(experts.lora_a.dtype), experts.lora_a, experts.a_gemm, experts.num_slots, slots)
-    weights, selected = routing_weights(logits, spec.top_k, spec.mode, spec.gate_scale)  # (T, K), (T, K)
+    weights, selected, chosen = steered_choice(
+        logits, spec.top_k, spec.mode, spec.gate_scale, bias, width
+    )  # (T, K) x2, (T, width)
     if slots is not None:
         keep = slots.valid.unsqueeze(-1)  # (T, 1)
         weights, selected = weights * keep, selected & keep  # (T, K), (T, K)
-    return weights, selected, weigh_experts(hidden, weights, experts.lora_b.dtype)
+        chosen = chosen.masked_fill(~keep, NO_EXPERT)  # (T, width)
+    return Routed(weights, selected, weigh_experts(hidden, weights, experts.lora_b.dtype), chosen)
 
 
 def served_router_logits(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
