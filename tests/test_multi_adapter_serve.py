@@ -23,10 +23,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from badit_serve.core.adapter import ADAPTER_WEIGHTS_FILE
-from badit_serve.core.reference import load_reference_adapter
+from badit_serve.core.reference import load_reference_adapter, steering_spec
+from badit_serve.core.steering import parse_steering
 from badit_serve.launch.server_process import ServerProcess
 from tests.support.badit_exports import make_adapter, reference_scores
 from tests.support.badit_server import ServeOptions, launch_badit_serve, wait_healthy_or_fail
+from tests.support.routed_experts import NO_EXPERT_U8, reference_routes, same_experts, served_routes
 from tests.support.tiny_models import TINY_VOCAB, build_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
@@ -98,10 +100,14 @@ def _adapters(base: Path, root: Path, default_model_dir: Path) -> dict[str, Path
     return dirs
 
 
-def _launch(root: Path, base: Path, adapters: dict[str, Path], slots: int, dtype: str) -> ServerProcess:
-    """badit-serve BASE --adapter NAME=DIR ... on a free port, log in root / "server.log"; not waited for."""
+def _launch(
+    root: Path, base: Path, adapters: dict[str, Path], slots: int, dtype: str, routes: bool = False
+) -> ServerProcess:
+    """badit-serve BASE --adapter NAME=DIR ... on a free port, log in root / "server.log"; not waited for.
+    routes: --return-routed-experts."""
     extra = [arg for name, path in adapters.items() for arg in ("--adapter", f"{name}={path}")]
     extra += ["--max-adapters", str(slots), "--dtype", dtype]
+    extra += ["--return-routed-experts"] if routes else []
     return launch_badit_serve(base, root, ServeOptions(API_KEY, BASE, extra=tuple(extra)))
 
 
@@ -109,11 +115,11 @@ def _launch(root: Path, base: Path, adapters: dict[str, Path], slots: int, dtype
 def server(
     tiny_model_dirs: dict[str, Path], default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[MultiServer]:
-    """float32: greedy tokens are compared with the float32 reference."""
+    """float32: greedy tokens are compared with the float32 reference; it returns routed experts."""
     root = tmp_path_factory.mktemp("multi")
     base = tiny_model_dirs["llama"]
     dirs = _adapters(base, root, default_model_dir)
-    process = _launch(root, base, {"a1": dirs["a1"], "a2": dirs["a2"]}, 3, "float32")
+    process = _launch(root, base, {"a1": dirs["a1"], "a2": dirs["a2"]}, 3, "float32", routes=True)
     handle = MultiServer(process.url, process.log, dirs)
     try:  # the references are computed while the engine starts
         plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
@@ -181,6 +187,44 @@ def test_per_adapter_counters_grow_by_top_k_per_routed_token(server: MultiServer
         expected = TOP_K * routed * layers
         assert _adapter_tokens(server, adapter) - before[adapter][0] == expected, adapter
         assert _metric_tokens(server, adapter) - before[adapter][1] == expected, adapter
+
+
+def test_routed_experts_are_each_requests_own_adapters_and_steering_stays_per_request(
+    server: MultiServer, tiny_model_dirs: dict[str, Path]
+) -> None:
+    """A mixed concurrent load over a1, a2 and the base, some requests steered: each answer (tokens and
+    routed experts) equals the same request alone; an adapter's routed experts equal its own reference
+    loader's with the same steering; the base's tokens went through no expert."""
+    references = {n: load_reference_adapter(tiny_model_dirs["llama"], server.dirs[n]) for n in ("a1", "a2")}
+    spec = steering_spec(references["a1"].badit_block)
+    steerings: list[dict | None] = [
+        None,
+        {"badit_mask": [0, 3]},
+        {"badit_bias": [float(e % 2) for e in range(spec.num_experts)]},
+    ]
+    jobs = [(model, i, s) for model in ("a1", "a2", BASE) for i in (0, 2) for s in range(len(steerings))]
+
+    def ask(job: tuple[str, int, int]) -> dict:
+        model, i, s = job
+        extra = {} if steerings[s] is None else {"vllm_xargs": steerings[s]}
+        response = server.complete(model, PROMPTS[i], **extra)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]
+
+    alone = {job: ask(job) for job in jobs}
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        mixed = list(pool.map(ask, jobs * 2))
+    for job, choice in zip(jobs * 2, mixed, strict=True):
+        assert choice["token_ids"] == alone[job]["token_ids"], job
+        assert (served_routes(choice) == served_routes(alone[job])).all(), job
+    for (model, i, s), choice in alone.items():
+        routes, tokens = served_routes(choice), PROMPTS[i] + choice["token_ids"]
+        assert routes.shape == (len(tokens) - 1, 2, TOP_K), (model, i, s)
+        if model == BASE:
+            assert (routes == NO_EXPERT_U8).all()
+            continue
+        bias = parse_steering(steerings[s], spec).bias
+        assert same_experts(routes, reference_routes(references[model], tokens[:-1], bias)), (model, i, s)
 
 
 def _post(server: MultiServer, name: str, path: Path) -> httpx.Response:

@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import os
 from argparse import Namespace
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 
+from badit_serve.api.abilities import RequestRouting, ServedRouting
 from badit_serve.api.adapter_endpoint import AdapterServingState, attach_adapter_routes, init_adapter_state
 from badit_serve.api.engine_stop import end_requests_when_engine_stops
 from badit_serve.api.limits import RequestGate, RequestLimits, api_keys
@@ -26,6 +28,7 @@ from badit_serve.api.schemas import ExpertCounts, ExpertsResponse, LayerCounts
 from badit_serve.core.adapter import SLOTS_CONFIG_KEY
 from badit_serve.core.export_io import read_block
 from badit_serve.core.format import ROUTING_TABLE_FILE, BaditBlock, RoutingTable
+from badit_serve.core.steering import SteeringSpec
 from badit_serve.metrics.expert_metrics import layer_label
 
 logger = logging.getLogger(__name__)
@@ -130,6 +133,7 @@ class BaditEndpointPlugin:
         app.include_router(router)
         # Added before vLLM's own middleware (build_app), so it sits inside vLLM's key check.
         limits = RequestLimits.from_env(os.environ)
+        app.add_middleware(RequestRouting, max_body_bytes=limits.max_body_bytes)  # inside the gate
         app.add_middleware(RequestGate, limits=limits, api_keys=api_keys(getattr(app.state, "args", None)))
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
@@ -139,6 +143,7 @@ class BaditEndpointPlugin:
             logger.warning("Badit: no output handler to watch; in-flight streams may hang at shutdown")
         if getattr(engine_client.model_config.hf_config, SLOTS_CONFIG_KEY, None) is not None:
             await init_adapter_state(engine_client, state, args)
+            await init_request_routing(engine_client, state, _adapter_labels(state))
             return
         model_dir = Path(engine_client.model_config.model)
         _, block = read_block(model_dir)
@@ -151,3 +156,31 @@ class BaditEndpointPlugin:
             logger.warning("Badit expert counting disabled: %s", exc)
             counting = False
         state.badit = BaditServingState(engine_client, names[0], block, table, counting)
+        await init_request_routing(engine_client, state, lambda _: table.expert_labels)
+
+
+def _adapter_labels(state: Any) -> Callable[[str], Mapping[str, str]]:
+    """Expert labels of a loaded adapter by its served name (none for the base or an unknown name)."""
+
+    def labels(name: str) -> Mapping[str, str]:
+        loaded = state.badit_adapters.adapters.get(name)
+        return {} if loaded is None else loaded.routing_table.expert_labels
+
+    return labels
+
+
+async def init_request_routing(
+    engine_client: Any, state: Any, labels: Callable[[str], Mapping[str, str]]
+) -> None:
+    """Start the worker's per-request routing (steering, routed experts) and keep what requests are checked
+    against (`RequestRouting`)."""
+    try:
+        results = await engine_client.collective_rpc("badit_start_request_routing")
+    except Exception as exc:  # the worker extension is not installed
+        logger.warning("Badit per-request routing disabled: %s", exc)
+        return
+    info = next((r for r in results if r and r.get("report")), None)
+    if info is None:
+        return
+    spec = SteeringSpec(info["num_experts"], info["top_k"], info["mode"])
+    state.badit_routing = ServedRouting(spec, bool(info["returns_routed_experts"]), labels)
