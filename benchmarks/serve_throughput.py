@@ -36,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from badit_serve.core.cpu_features import cpu_flags
 from badit_serve.launch.server_process import ServerError, ServerProcess, free_port, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +99,8 @@ def machine_description() -> dict:
         "cpu": cpu,
         "cores": len(os.sched_getaffinity(0)),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+        "avx512_bf16": "avx512_bf16" in cpu_flags(),
+        "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx"))),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "python": platform.python_version(),
