@@ -184,10 +184,11 @@ class Client:
         return ExpertsResponse.model_validate(response.json())
 
     def metric_tokens(self) -> dict[str, float]:
-        """Per adapter: the sum of badit_expert_tokens_total over layers and experts, from /metrics."""
+        """Per adapter: the sum of badit_expert_tokens_by_ability_total (summed over layers) over experts,
+        from /metrics (the per-layer series are summed over adapters unless --adapter-layer-metrics)."""
         totals: dict[str, float] = defaultdict(float)
         for line in self.http.get("/metrics").text.splitlines():
-            if line.startswith("badit_expert_tokens_total{"):
+            if line.startswith("badit_expert_tokens_by_ability_total{"):
                 labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
                 totals[labels.get("adapter", "")] += float(line.rsplit(" ", 1)[1])
         return totals

@@ -127,3 +127,91 @@ def test_serve_options_of_multi_adapter_mode(adapter_dir: Path, tiny_model_dirs:
     )
     with pytest.raises(ExportError, match="unique"):
         validate_adapter_set(tiny_model_dirs["llama"], [specs[0], specs[0]], None)
+
+
+def test_an_adapter_directory_lists_its_adapters_and_validates_each_version_once(
+    adapter_dir: Path, tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    from badit_serve.core.adapter import SlotGeometry, base_dir_fingerprint
+    from badit_serve.core.adapter_set import AdapterDirectory
+
+    root = tmp_path / "adapters"
+    for name in ("b", "a"):
+        shutil.copytree(adapter_dir, root / name)
+    (root / "not_an_adapter").mkdir()
+    base = tiny_model_dirs["llama"]
+    geometry = SlotGeometry.of(load_adapter(adapter_dir).block, 2)
+    directory = AdapterDirectory(root, base, base_dir_fingerprint(base, geometry.adapted_modules), geometry)
+    assert directory.names() == ["a", "b"]
+    assert [directory.path(n) for n in ("../a", "a/..", ".a", "", "not_an_adapter")] == [None] * 5
+    assert directory.validate("a").path == root / "a" and directory.validate("a") is directory.validate("a")
+    assert directory.validations == 1 and not directory.changed("a")
+    (root / "a" / "extra.txt").write_text("a file more")  # a registered adapter's files must not change
+    assert directory.changed("a")
+    weights = root / "b" / ADAPTER_WEIGHTS_FILE
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    for _ in range(2):  # the refusal is kept too, until a file changes
+        with pytest.raises(ExportError, match=ADAPTER_WEIGHTS_FILE):
+            directory.validate("b")
+    assert directory.validations == 2
+    shutil.copy(adapter_dir / ADAPTER_WEIGHTS_FILE, weights)  # repaired: validated again
+    assert directory.validate("b").path == root / "b" and directory.validations == 3
+    with pytest.raises(ExportError, match="no adapter 'c'"):
+        directory.validate("c")
+
+
+def test_adapter_dir_options_keep_known_host_and_slot_counts_apart(
+    adapter_dir: Path, tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    from badit_serve.core.adapter_set import DEFAULT_SLOTS, AdapterSpec, validate_adapter_set
+    from badit_serve.launch.vllm_options import vllm_adapter_args
+
+    root = tmp_path / "adapters"
+    shutil.copytree(adapter_dir, root / "only")
+    base = tiny_model_dirs["llama"]
+    argv = vllm_adapter_args(validate_adapter_set(base, [], None, adapter_dir=root))
+    assert argv[argv.index("--max-loras") + 1] == str(DEFAULT_SLOTS)
+    assert argv[argv.index("--max-cpu-loras") + 1] == str(2 * DEFAULT_SLOTS) and "--lora-modules" not in argv
+    specs = [AdapterSpec(n, adapter_dir) for n in "abc"]  # more named adapters than slots: they wait
+    argv = vllm_adapter_args(validate_adapter_set(base, specs, 1, max_cpu_adapters=2))
+    assert (argv[argv.index("--max-loras") + 1], argv[argv.index("--max-cpu-loras") + 1]) == ("1", "2")
+    with pytest.raises(ExportError, match="less than the 2 slots"):
+        validate_adapter_set(base, specs, 2, max_cpu_adapters=1)
+    with pytest.raises(ExportError, match="no loadable adapter"):
+        validate_adapter_set(base, [], None, adapter_dir=tmp_path / "empty")
+
+
+def test_the_collector_counts_residency_moves_and_keeps_per_layer_series_summed_over_adapters() -> None:
+    from badit_serve.metrics.adapter_metrics import AdapterStatsCollector
+    from badit_serve.metrics.residency import residency_metrics
+
+    slots: list[int | None] = [None, None]
+    host: set[int] = set()
+    collector = AdapterStatsCollector(
+        {}, lambda: list(slots), names={1: "x1", 2: "x2"}, host_ids=lambda: set(host)
+    )
+    collector.start(interval=0)
+
+    def value(metric: object, **labels: str) -> float:
+        for family in metric.collect():  # type: ignore[attr-defined]
+            for sample in family.samples:
+                if sample.labels == labels and not sample.name.endswith("_created"):
+                    return float(sample.value)
+        return 0.0
+
+    metrics = residency_metrics()
+    base = {k: value(metrics.loads, adapter="x1", into=k) for k in ("host", "slot")}
+    host.add(1)
+    slots[0] = 1
+    collector.flush()
+    assert value(metrics.loads, adapter="x1", into="host") == base["host"] + 1
+    assert value(metrics.loads, adapter="x1", into="slot") == base["slot"] + 1
+    assert value(metrics.residency, adapter="x1") == 2
+    evicted = value(metrics.evictions, adapter="x1", **{"from": "slot"})
+    slots[0], host = 2, {2}
+    collector.flush()
+    assert value(metrics.evictions, adapter="x1", **{"from": "slot"}) == evicted + 1
+    assert value(metrics.residency, adapter="x1") == 0 and value(metrics.residency, adapter="x2") == 2
+    assert collector.residency() == {2: "slot"}

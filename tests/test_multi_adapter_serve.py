@@ -169,7 +169,7 @@ def _metric_tokens(server: MultiServer, adapter: str) -> float:
         s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
-        if s.name == "badit_expert_tokens_total" and s.labels.get("adapter") == adapter
+        if s.name == "badit_expert_tokens_by_ability_total" and s.labels.get("adapter") == adapter
     )
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from badit_serve.api.limits import Violation, error_response, read_body, replay
+from badit_serve.api.limits import Violation, error_response, read_json_body, replay
 from badit_serve.core.steering import KEYS, SteeringError, SteeringSpec, parse_steering
 
 ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/invocations"})
@@ -124,11 +124,7 @@ class RequestRouting:
         )
         if path not in ROUTED_PATHS or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
-        body = await read_body(receive, self.max_body_bytes) or b""
-        try:
-            decoded = json.loads(body) if body else None
-        except ValueError:
-            decoded = None
+        body, decoded = await read_json_body(receive, self.max_body_bytes)
         routing: ServedRouting | None = getattr(scope["app"].state, "badit_routing", None)
         violation = routing_request_violation(decoded, routing)
         if violation is not None:

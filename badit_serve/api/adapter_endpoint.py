@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
 from argparse import Namespace
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, ConfigDict
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from badit_serve.api.limits import INFERENCE_PATHS, Violation, error_response, read_json_body, replay
 from badit_serve.core.adapter import (
     SLOTS_CONFIG_KEY,
     LoadedAdapter,
@@ -30,8 +35,10 @@ from badit_serve.core.adapter import (
     base_dir_fingerprint,
     load_adapter,
 )
-from badit_serve.core.adapter_set import validate_adapter
+from badit_serve.core.adapter_set import ENV_ADAPTER_DIR, AdapterDirectory, validate_adapter
 from badit_serve.core.export_io import ExportError
+from badit_serve.metrics.adapter_metrics import ALL_ADAPTERS
+from badit_serve.metrics.residency import residency_metrics
 
 logger = logging.getLogger(__name__)
 ADAPTERS_PATH = "/v1/badit/adapters"
@@ -47,8 +54,11 @@ class AdapterLoadRequest(BaseModel):
 class AdapterCard(BaseModel):
     name: str
     path: str
-    lora_int_id: int
-    method: str
+    lora_int_id: int | None
+    """vLLM's id of the registered adapter; None for one under --adapter-dir not loaded yet."""
+    method: str | None
+    where: str
+    """slot (in an engine slot now), host (in host memory), or disk (read again on its next request)."""
 
 
 class AdaptersResponse(BaseModel):
@@ -56,7 +66,10 @@ class AdaptersResponse(BaseModel):
     base: str
     base_fingerprint: str
     max_adapters: int
+    """Slots: adapters active in one forward pass."""
+    adapter_dir: str | None = None
     adapters: list[AdapterCard]
+    """Every known adapter: the registered ones, then those under --adapter-dir not loaded yet."""
 
 
 @dataclass
@@ -69,6 +82,8 @@ class AdapterServingState:
     adapters: dict[str, LoadedAdapter]
     counting: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    directory: AdapterDirectory | None = None
+    """--adapter-dir: adapters loaded on their first request."""
 
     def lora_ids(self) -> dict[int, str]:
         return {req.lora_int_id: name for name, req in self.models.lora_requests.items()}
@@ -94,21 +109,39 @@ def adapter_state(request: Request) -> AdapterServingState:
 
 async def list_adapters(request: Request) -> AdaptersResponse:
     state = adapter_state(request)
+    where = await residency(state)
     cards = [
         AdapterCard(
             name=name,
             path=str(a.path),
             lora_int_id=state.models.lora_requests[name].lora_int_id,
             method=a.block.method,
+            where=where.get(state.models.lora_requests[name].lora_int_id, "disk"),
         )
         for name, a in state.adapters.items()
     ]
+    if state.directory is not None:
+        unloaded = [n for n in state.directory.names() if n not in state.adapters]
+        cards += [
+            AdapterCard(
+                name=n, path=str(state.directory.root / n), lora_int_id=None, method=None, where="disk"
+            )
+            for n in unloaded
+        ]
     return AdaptersResponse(
         base=str(state.base_dir),
         base_fingerprint=state.fingerprint,
         max_adapters=state.geometry.max_adapters,
+        adapter_dir=None if state.directory is None else str(state.directory.root),
         adapters=cards,
     )
+
+
+async def residency(state: AdapterServingState) -> dict[int, str]:
+    """lora id -> slot / host now, from the reporting worker (`badit_adapter_residency`)."""
+    results = await state.engine_client.collective_rpc("badit_adapter_residency")
+    found = next((r for r in results if r and r.get("report")), None)
+    return {} if found is None else {int(k): v for k, v in found["where"].items()}
 
 
 def _refuse_name(state: AdapterServingState, name: str) -> None:
@@ -116,34 +149,67 @@ def _refuse_name(state: AdapterServingState, name: str) -> None:
         raise HTTPException(status_code=409, detail=f"adapter {name!r} is already loaded (DELETE it first)")
     if state.models.is_base_model(name):
         raise HTTPException(status_code=400, detail=f"{name!r} is the base model's name")
-    if len(state.adapters) >= state.geometry.max_adapters:
+    if name == ALL_ADAPTERS:
         raise HTTPException(
-            status_code=409,
-            detail=f"{len(state.adapters)} adapters loaded, the server's limit (--max-adapters {state.geometry.max_adapters})",
+            status_code=400, detail=f"{name!r} is reserved (the per-layer series of all adapters)"
         )
 
 
 async def load_adapter_route(body: AdapterLoadRequest, request: Request) -> AdaptersResponse:
-    from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
-
     state = adapter_state(request)
     async with state.lock:
         _refuse_name(state, body.name)
+        began = time.perf_counter()
         try:
             adapter = await asyncio.to_thread(
                 validate_adapter, Path(body.path), state.base_dir, state.fingerprint, state.geometry
             )
         except ExportError as exc:
             raise HTTPException(status_code=422, detail=f"adapter {body.name!r} refused: {exc}") from exc
-        result = await state.models.load_lora_adapter(
-            LoadLoRAAdapterRequest(lora_name=body.name, lora_path=str(adapter.path))
-        )
-        if not isinstance(result, str):  # vLLM's ErrorResponse
-            raise HTTPException(status_code=result.error.code, detail=result.error.message)
-        state.adapters[body.name] = adapter
-        await state.tell_workers()
-    logger.info("Badit adapter %r loaded from %s", body.name, adapter.path)
+        await _register(state, body.name, adapter, began)
     return await list_adapters(request)
+
+
+async def _register(state: AdapterServingState, name: str, adapter: LoadedAdapter, began: float) -> None:
+    """Hand a validated adapter to vLLM (`OpenAIServingModels.load_lora_adapter`: a LoRARequest, read into
+    the workers' host cache) and name it to the workers. Called with `state.lock` held."""
+    from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
+    result = await state.models.load_lora_adapter(
+        LoadLoRAAdapterRequest(lora_name=name, lora_path=str(adapter.path))
+    )
+    if not isinstance(result, str):  # vLLM's ErrorResponse
+        raise HTTPException(status_code=result.error.code, detail=result.error.message)
+    state.adapters[name] = adapter
+    await state.tell_workers()
+    residency_metrics().load_seconds.observe(time.perf_counter() - began)
+    logger.info("Badit adapter %r loaded from %s", name, adapter.path)
+
+
+async def load_on_demand(state: AdapterServingState, name: str) -> None:
+    """Make `name` servable if it is an adapter under --adapter-dir not loaded yet: validate (cached per
+    directory version) and register it. HTTPException 422 naming the reason for a bad directory; nothing
+    for names the directory does not hold (vLLM answers those 404)."""
+    directory = state.directory
+    if directory is None or directory.path(name) is None:
+        return
+    if name in state.adapters:
+        if state.adapters[name].path == directory.root / name and directory.changed(name):
+            raise HTTPException(
+                status_code=409,
+                detail=f"adapter {name!r} changed on disk after it was loaded; DELETE /v1/badit/adapters/"
+                f"{name} and ask again to load the new version",
+            )
+        return
+    async with state.lock:
+        if name in state.adapters:  # loaded while this request waited
+            return
+        began = time.perf_counter()
+        try:
+            adapter = await asyncio.to_thread(directory.validate, name)
+        except ExportError as exc:
+            raise HTTPException(status_code=422, detail=f"adapter {name!r} refused: {exc}") from exc
+        await _register(state, name, adapter, began)
 
 
 async def unload_adapter_route(name: str, request: Request) -> AdaptersResponse:
@@ -185,6 +251,9 @@ async def init_adapter_state(engine_client: Any, state: Any, args: Namespace) ->
             for name, req in models.lora_requests.items()
         },
     )
+    directory = os.environ.get(ENV_ADAPTER_DIR)
+    if directory:
+        served.directory = AdapterDirectory(Path(directory), base_dir, served.fingerprint, geometry)
     try:
         await engine_client.collective_rpc("badit_start_counting", kwargs={"interval": 1.0})
         served.counting = True
@@ -192,3 +261,34 @@ async def init_adapter_state(engine_client: Any, state: Any, args: Namespace) ->
         logger.warning("Badit expert counting disabled: %s", exc)
     await served.tell_workers()
     state.badit_adapters = served
+
+
+class OnDemandAdapters:
+    """Pure ASGI middleware (inside the gate): before an inference request whose `model` names an adapter
+    under --adapter-dir that is not loaded yet, validate and register it (`load_on_demand`), answering 422
+    naming the reason for a bad one; count every request naming a registered adapter
+    (`badit_adapter_requests_total`). Slots and host memory never refuse a known adapter: vLLM schedules a
+    request when a slot is free and reads an evicted adapter from disk again."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state: AdapterServingState | None = (
+            getattr(scope["app"].state, "badit_adapters", None) if scope["type"] == "http" else None
+        )
+        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+        if state is None or scope.get("method") != "POST" or path not in INFERENCE_PATHS:
+            return await self.app(scope, receive, send)
+        body, decoded = await read_json_body(receive, self.max_body_bytes)
+        name = decoded.get("model") if isinstance(decoded, dict) else None
+        if isinstance(name, str):
+            try:
+                await load_on_demand(state, name)
+            except HTTPException as exc:
+                violation = Violation(HTTPStatus(exc.status_code), "model", str(exc.detail))
+                return await error_response(violation)(scope, receive, send)
+            if name in state.adapters:
+                residency_metrics().requests.labels(adapter=name).inc()
+        await self.app(scope, replay(body, receive), send)

@@ -21,7 +21,12 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 
 from badit_serve.api.abilities import RequestRouting, ServedRouting
-from badit_serve.api.adapter_endpoint import AdapterServingState, attach_adapter_routes, init_adapter_state
+from badit_serve.api.adapter_endpoint import (
+    AdapterServingState,
+    OnDemandAdapters,
+    attach_adapter_routes,
+    init_adapter_state,
+)
 from badit_serve.api.engine_stop import end_requests_when_engine_stops
 from badit_serve.api.limits import RequestGate, RequestLimits, api_keys
 from badit_serve.api.schemas import ExpertCounts, ExpertsResponse, LayerCounts
@@ -134,6 +139,7 @@ class BaditEndpointPlugin:
         # Added before vLLM's own middleware (build_app), so it sits inside vLLM's key check.
         limits = RequestLimits.from_env(os.environ)
         app.add_middleware(RequestRouting, max_body_bytes=limits.max_body_bytes)  # inside the gate
+        app.add_middleware(OnDemandAdapters, max_body_bytes=limits.max_body_bytes)
         app.add_middleware(RequestGate, limits=limits, api_keys=api_keys(getattr(app.state, "args", None)))
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:

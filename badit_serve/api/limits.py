@@ -216,6 +216,16 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
+async def read_json_body(receive: Receive, limit: int) -> tuple[bytes, Any]:
+    """The request body (b"" past `limit`: the gate outside has refused those) and its JSON (None when it is
+    not JSON); replay the bytes to the app with `replay`."""
+    body = await read_body(receive, limit) or b""
+    try:
+        return body, json.loads(body) if body else None
+    except ValueError:
+        return body, None
+
+
 def replay(body: bytes, receive: Receive) -> Receive:
     """A `receive` that gives the buffered body once, then the client's own messages (disconnect)."""
     sent = False

@@ -47,13 +47,14 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 from badit_serve.api.limits import ENV_LIMITS, RequestLimits
-from badit_serve.core.adapter_set import AdapterSpec, validate_adapter_set
+from badit_serve.core.adapter_set import ENV_ADAPTER_DIR, AdapterSpec, validate_adapter_set
 from badit_serve.core.cpu_features import native_bf16
 from badit_serve.core.exit_codes import EXIT_USAGE
 from badit_serve.core.export_io import ExportError, load_export
 from badit_serve.core.servable import check_block_servable
 from badit_serve.launch.supervisor import supervise, watch_lifeline
 from badit_serve.launch.vllm_options import vllm_adapter_args
+from badit_serve.metrics.adapter_metrics import ENV_ADAPTER_LAYER_METRICS
 
 WORKER_EXTENSION = "badit_serve.metrics.worker_extension.BaditWorkerExtension"
 DEFAULT_MAX_MODEL_LEN = 2048
@@ -93,11 +94,32 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
         "EXPORT_DIR; repeat for more adapters (requests choose one with their `model` field)",
     )
     parser.add_argument(
+        "--adapter-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="serve every adapter-only export in a subdirectory of DIR as model SUBDIR, validated and "
+        "loaded on its first request (adapters added later are found too)",
+    )
+    parser.add_argument(
         "--max-adapters",
         type=int,
         default=None,
-        help="adapter slots in the engine (default: the number of --adapter); each slot costs one "
-        "adapter's expert compute per token",
+        help="adapter slots: adapters active in one forward pass (default: the number of --adapter, or "
+        "4 with --adapter-dir); each slot costs one adapter's expert compute per token",
+    )
+    parser.add_argument(
+        "--adapter-layer-metrics",
+        action="store_true",
+        help="per-layer expert counters for every adapter (default: per-ability per adapter, per-layer "
+        "summed over adapters, so /metrics stays bounded with thousands of adapters)",
+    )
+    parser.add_argument(
+        "--max-cpu-adapters",
+        type=int,
+        default=None,
+        help="adapters kept in host memory, least recently used evicted first (default: twice the slots); "
+        "an evicted adapter is read from disk again on its next request",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -214,11 +236,20 @@ def vllm_argv(opts: argparse.Namespace, passthrough: list[str], dtype: str = "bf
 def validate_model_dirs(opts: argparse.Namespace) -> list[str]:
     """Validate the export (or the base and every --adapter); returns the extra vLLM options they need."""
     verify = not opts.no_verify_checksums
-    if opts.adapter or opts.max_adapters is not None:
-        if not opts.adapter:
-            raise ExportError("--max-adapters needs at least one --adapter NAME=DIR")
+    multi = (opts.adapter, opts.adapter_dir, opts.max_adapters, opts.max_cpu_adapters)
+    if any(v is not None and v != [] for v in multi):
+        if not opts.adapter and opts.adapter_dir is None:
+            raise ExportError(
+                "--max-adapters / --max-cpu-adapters need --adapter NAME=DIR or --adapter-dir DIR"
+            )
         specs = [AdapterSpec.parse(text) for text in opts.adapter]
-        adapter_set = validate_adapter_set(opts.export_dir, specs, opts.max_adapters, verify)
+        adapter_set = validate_adapter_set(
+            opts.export_dir, specs, opts.max_adapters, verify, opts.adapter_dir, opts.max_cpu_adapters
+        )
+        if adapter_set.adapter_dir is not None:
+            os.environ[ENV_ADAPTER_DIR] = str(adapter_set.adapter_dir.resolve())
+        if opts.adapter_layer_metrics:
+            os.environ[ENV_ADAPTER_LAYER_METRICS] = "1"
         return vllm_adapter_args(adapter_set)
     bundle = load_export(opts.export_dir, verify_checksums=verify)
     check_block_servable(bundle.block)

@@ -2,7 +2,7 @@
 
 vLLM's LoRA machinery carries the per-request choice of adapter (`badit_serve.vllm_models.adapter_slots`):
 
-    --enable-lora --max-loras S --max-cpu-loras S --max-lora-rank R' --lora-target-modules gate_up_proj
+    --enable-lora --max-loras S --max-cpu-loras C --max-lora-rank R' --lora-target-modules gate_up_proj
     --lora-modules NAME=DIR ... --hf-overrides {"architectures": [Badit class], "badit_slots": geometry}
 """
 
@@ -35,7 +35,7 @@ def vllm_engine_kwargs(adapter_set: AdapterSet) -> dict[str, Any]:
     return {
         "enable_lora": True,
         "max_loras": g.max_adapters,
-        "max_cpu_loras": g.max_adapters,
+        "max_cpu_loras": adapter_set.max_cpu_adapters,
         "max_lora_rank": lora_rank_limit(g.rank),
         "lora_target_modules": [LORA_TARGET],
         "hf_overrides": {

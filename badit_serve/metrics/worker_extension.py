@@ -9,13 +9,14 @@ between model steps, never during a forward pass.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from badit_serve.core.format import ROUTING_TABLE_FILE
 from badit_serve.internals import lora_slot_ids
-from badit_serve.metrics.adapter_metrics import AdapterStatsCollector
+from badit_serve.metrics.adapter_metrics import ENV_ADAPTER_LAYER_METRICS, AdapterStatsCollector
 from badit_serve.metrics.expert_metrics import ExpertStatsCollector
 
 
@@ -58,9 +59,13 @@ class BaditWorkerExtension:
         if getattr(model, "badit_slots", None) is None:
             return None
         if self._badit_adapter_collector is None:
-            slot_ids = lora_slot_ids(self.model_runner)  # type: ignore[attr-defined]
+            runner = self.model_runner  # type: ignore[attr-defined]
             self._badit_adapter_collector = AdapterStatsCollector(
-                dict(model.badit_slot_layers), slot_ids, report=self._badit_report()
+                dict(model.badit_slot_layers),
+                lora_slot_ids(runner),
+                report=self._badit_report(),
+                host_ids=lambda: set(runner.lora_manager.list_adapters()),
+                layer_metrics=os.environ.get(ENV_ADAPTER_LAYER_METRICS) == "1",
             )
         return self._badit_adapter_collector
 
@@ -106,6 +111,13 @@ class BaditWorkerExtension:
             "returns_routed_experts": routing.buffers.routes is not None,
             "report": self._badit_report(),
         }
+
+    def badit_adapter_residency(self) -> dict[str, Any]:
+        """lora id -> slot / host for the adapters in the engine's slots or host memory now."""
+        adapters = self._badit_adapters()
+        if adapters is None:
+            return {}
+        return {"report": adapters.report, "where": {str(k): v for k, v in adapters.residency().items()}}
 
     def badit_adapter_names(self, names: dict[int, str], labels: dict[str, dict[str, str]]) -> None:
         """lora id -> adapter name and adapter -> expert ability labels, from the API server (multi-adapter
