@@ -10,12 +10,13 @@ Setup, written once under runs/bench_many_adapters/ (reused when present):
   them (distinct adapters to vLLM, each loaded, cached and evicted on its own; the same bytes on disk).
 One `badit-serve BASE --adapter-dir DIR --max-adapters --slots --max-cpu-adapters --host-cache` server
 (float32 where the CPU has no native bfloat16, as badit-serve chooses). Loads, each `--requests` chat
-requests (SuperNI test inputs of the quickstart tasks, `--max-tokens` greedy tokens, ignore_eos, streaming)
+requests (`--prompt-source chat`: short requests, decode-heavy, so the slots' cost shows; `superni`: the
+quickstart tasks' test inputs), `--max-tokens` greedy tokens, ignore_eos, streaming)
 from `--clients` concurrent clients, over 1, 8, 64 and 512 distinct adapters, uniform or Zipf (s = 1.1);
 every adapter is requested once before the loads (its cold first load is measured then, not in the loads).
 Reports tokens/s (and its ratio to one adapter), TTFT p50/p99, the cold first-request latency of one
 adapter, the /metrics size and series count, the adapter file size. JSON: benchmarks/results/many_adapters.json.
-Needs BADIT_SUPERNI_DIR (the Makefile sets it).
+SuperNI prompts need BADIT_SUPERNI_DIR (the Makefile sets it).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import BIN, ROOT, engine_env, load_average, machine_description, superni_prompts  # noqa: E402
+from serve_throughput import BIN, ROOT, chat_prompts, engine_env, load_average, machine_description  # noqa: E402
 
 from badit_serve.launch.server_process import ServerProcess, free_port, start_server  # noqa: E402
 
@@ -158,6 +159,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--spreads", default="1,8,64,512")
+    parser.add_argument("--prompt-source", choices=("chat", "superni"), default="chat")
     parser.add_argument("--out", default="benchmarks/results/many_adapters.json")
     args = parser.parse_args()
     from training.model_store import resolve_model  # the prepared default model
@@ -166,7 +168,7 @@ def main() -> None:
     adapters = work / "adapters"
     adapters.mkdir(parents=True, exist_ok=True)
     size_mib = write_adapters(adapter_export(ROOT / args.adapter), adapters, args.unique, args.adapters)
-    chats = superni_prompts(args.requests)
+    chats = chat_prompts(args.requests, args.prompt_source)
     result: dict = {"machine": machine_description(), "load_before": load_average(), "args": vars(args)}
     result["adapter_file_mib"] = round(size_mib, 1)
     server, result["ready_s"] = start(
