@@ -215,3 +215,21 @@ def test_the_collector_counts_residency_moves_and_keeps_per_layer_series_summed_
     assert value(metrics.evictions, adapter="x1", **{"from": "slot"}) == evicted + 1
     assert value(metrics.residency, adapter="x1") == 0 and value(metrics.residency, adapter="x2") == 2
     assert collector.residency() == {2: "slot"}
+
+
+def test_an_adapters_serving_form_is_built_once_per_tensor_object_and_dropped_with_it() -> None:
+    import gc
+
+    from badit_serve.vllm_models.adapter_slots import BuiltAdapters
+
+    built = BuiltAdapters()
+    a, b = torch.randn(4, 3), torch.randn(5, 4)
+    first = built.get(a, b, lambda: object())  # type: ignore[arg-type,return-value]
+    assert built.get(a, b, lambda: object()) is first and built.builds == 1  # type: ignore[arg-type,return-value]
+    other_b = torch.randn(5, 4)
+    assert built.get(a, other_b, lambda: object()) is not first and built.builds == 2  # type: ignore[arg-type,return-value]
+    del a
+    gc.collect()
+    assert len(built) == 0  # vLLM freed the tensors (evicted from host memory): the form goes too
+    again = torch.randn(4, 3)  # possibly at the old address: a new object, built anew
+    assert built.get(again, b, lambda: object()) is not first and built.builds == 3  # type: ignore[arg-type,return-value]

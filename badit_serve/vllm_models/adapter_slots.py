@@ -21,6 +21,8 @@ functions with one slot) instead of running LoRA kernels:
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -42,8 +44,6 @@ from badit_serve.vllm_models.served_experts import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from vllm.model_executor.layers.linear import LinearBase
 
 ADAPTER_TENSOR_DTYPE = torch.float32
@@ -126,6 +126,8 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
         )
         # Called with (slot) when a slot's adapter changes (expert metrics).
         self.slot_listener: Callable[[int], None] | None = None
+        self.built = BuiltAdapters()
+        """Each adapter's serving form, built once while vLLM's host cache holds its tensors."""
         self.record_stats = True
         # The model's shared real-row count (routing_stats.count_real_tokens).
         self.register_buffer("num_real", num_real, persistent=False)
@@ -158,12 +160,15 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
                 f"slot shapes ({self.rows}, {d_in}) / ({full_out}, {self.n})"
             )
         self._notify(index)
+        self.served.set_slot(index, self.built.get(a, b, lambda: self._build(a, b)))
+
+    def _build(self, a: torch.Tensor, b: torch.Tensor) -> ServedExperts:
+        """The serving form of one adapter's tensors: float64 refactorisation, on the loader's device (CPU)."""
         b_local = b.narrow(0, self.tp_rank * self.intermediate_local, self.intermediate_local)  # (I_local, n)
         router = a[self.n :] if self.rows > self.n else None  # (K, d_in) or None
-        adapter = ServedExperts.build(
+        return ServedExperts.build(
             router, a[: self.n], b_local, 1.0, self.geometry.num_experts, self.served.lora_b.dtype
-        )  # float64 refactorisation, on the loader's device (CPU)
-        self.served.set_slot(index, adapter)
+        )
 
     def _notify(self, index: int) -> None:
         if self.slot_listener is not None:
@@ -189,6 +194,37 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
         gate = gate_up.view(-1, gate_up.shape[-1])[:, : self.intermediate_local]  # (T, I_local) view
         add_served_delta(gate, weighted, self.served, slots)  # (T, I_local), in place
         return gate_up, bias
+
+
+class BuiltAdapters:
+    """The serving form (`ServedExperts.build`) of each adapter's tensors, made once per tensor object.
+
+    vLLM's LoRA manager hands `set_lora` the tensors of its host cache (`LoRAModel`) every time it activates
+    an adapter in a slot; the float64 refactorisation of the default model's 30 layers took 321 ms of each
+    0.54 s activation (profiled, docs/RESULTS.md). The result is kept under the identity of the tensor
+    objects and dropped when vLLM frees them (evicted from host memory): a new tensor at a reused address
+    is a new object and is built anew, never matched with another adapter's form. Costs host memory equal
+    to the cached adapters' expert tensors."""
+
+    def __init__(self) -> None:
+        self._built: dict[int, tuple[int, ServedExperts]] = {}
+        self.builds = 0
+
+    def get(self, a: torch.Tensor, b: torch.Tensor, build: Callable[[], ServedExperts]) -> ServedExperts:
+        """`build()` once for the pair (a, b) while `a` lives."""
+        key = id(a)
+        hit = self._built.get(key)
+        if hit is not None and hit[0] == id(b):
+            return hit[1]
+        served = build()
+        self.builds += 1
+        if hit is None:
+            weakref.finalize(a, self._built.pop, key, None)
+        self._built[key] = (id(b), served)
+        return served
+
+    def __len__(self) -> int:
+        return len(self._built)
 
 
 def install_slot_layers(
