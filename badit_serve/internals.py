@@ -145,24 +145,19 @@ def accept_routed_experts_for_badit(is_badit: Callable[[Any], bool]) -> None:
     VllmConfig._verify_aux_output_compatibility = verify  # type: ignore[method-assign]
 
 
-def wrap_runner_step(
-    model_runner: Any, before: Callable[[Any], None], after: Callable[[Any, Any], Any]
-) -> None:
+def wrap_runner_step(model_runner: Any, before: Callable[[Any], None], after: Callable[[Any], Any]) -> None:
     """Run `before(scheduler_output)` before each `execute_model` of this model runner and
-    `output = after(output, scheduler_output)` on what its `sample_tokens` returns. Replaces both methods
-    on the instance (`GPUModelRunner.execute_model` / `sample_tokens`, vllm/v1/worker/gpu_model_runner.py,
-    which the CPU runner inherits): vLLM 0.32 has no per-step hook for a worker extension."""
+    `output = after(output)` on what its `sample_tokens` returns. Replaces both methods on the instance
+    (`GPUModelRunner.execute_model` / `sample_tokens`, vllm/v1/worker/gpu_model_runner.py, which the CPU
+    runner inherits): vLLM 0.32 has no per-step hook for a worker extension."""
     execute, sample = model_runner.execute_model, model_runner.sample_tokens
-    pending: list[Any] = []
 
     def execute_model(scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
         before(scheduler_output)
-        pending.append(scheduler_output)
         return execute(scheduler_output, *args, **kwargs)
 
     def sample_tokens(*args: Any, **kwargs: Any) -> Any:
-        output = sample(*args, **kwargs)
-        return after(output, pending.pop(0) if pending else None)
+        return after(sample(*args, **kwargs))
 
     model_runner.execute_model, model_runner.sample_tokens = execute_model, sample_tokens
 

@@ -23,8 +23,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from badit_serve.core.adapter import ADAPTER_WEIGHTS_FILE
-from badit_serve.core.reference import load_reference_adapter, steering_spec
-from badit_serve.core.steering import parse_steering
+from badit_serve.core.reference import load_reference_adapter
+from badit_serve.core.steering import SteeringSpec, parse_steering
 from badit_serve.launch.server_process import ServerProcess
 from tests.support.badit_exports import make_adapter, reference_scores
 from tests.support.badit_server import ServeOptions, launch_badit_serve, wait_healthy_or_fail
@@ -196,7 +196,7 @@ def test_routed_experts_are_each_requests_own_adapters_and_steering_stays_per_re
     routed experts) equals the same request alone; an adapter's routed experts equal its own reference
     loader's with the same steering; the base's tokens went through no expert."""
     references = {n: load_reference_adapter(tiny_model_dirs["llama"], server.dirs[n]) for n in ("a1", "a2")}
-    spec = steering_spec(references["a1"].badit_block)
+    spec = SteeringSpec.of(references["a1"].badit_block)
     steerings: list[dict | None] = [
         None,
         {"badit_mask": [0, 3]},

@@ -232,6 +232,7 @@ def _app(routing: object) -> object:
     from starlette.routing import Route
 
     from badit_serve.api.abilities import RequestRouting
+    from badit_serve.api.limits import RequestGate, RequestLimits
 
     routes = np.array([[[0, 1]], [[1, 255]]], dtype=np.uint8)  # (2 tokens, 1 layer, 2 experts per token)
 
@@ -246,7 +247,8 @@ def _app(routing: object) -> object:
         return JSONResponse({"model": body["model"], "choices": [{"text": "x", "routed_experts": encoded}]})
 
     app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
-    app.add_middleware(RequestRouting, max_body_bytes=1 << 20)
+    app.add_middleware(RequestRouting)
+    app.add_middleware(RequestGate, limits=RequestLimits(), api_keys=[])  # decodes the body for it
     app.state.badit_routing = routing
     return app
 

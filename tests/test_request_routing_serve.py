@@ -18,8 +18,8 @@ import pytest
 from torch import nn
 
 from badit_serve.core.export_io import load_export
-from badit_serve.core.reference import load_reference_model, steering_spec
-from badit_serve.core.steering import parse_steering
+from badit_serve.core.reference import load_reference_model
+from badit_serve.core.steering import SteeringSpec, parse_steering
 from badit_serve.launch.server_process import ServerProcess
 from tests.support.badit_exports import make_export
 from tests.support.badit_server import API_KEY, MODEL, ServeOptions, launch_badit_serve, wait_healthy_or_fail
@@ -95,7 +95,7 @@ def server(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
 
 
 def _bias(server: Server, xargs: dict) -> tuple[float, ...] | None:
-    return parse_steering(xargs, steering_spec(server.reference.badit_block)).bias
+    return parse_steering(xargs, SteeringSpec.of(server.reference.badit_block)).bias
 
 
 def _check_against_reference(server: Server, prompt: list[int], xargs: dict | None = None) -> np.ndarray:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from badit_serve.core.steering import SteeringSpec
 from tests.support.vllm_fakes import D_IN, INTER, K, R
 
 
@@ -92,7 +93,7 @@ class _Routed(nn.Module):
     def __init__(self, experts: list, num_real: torch.Tensor, spec) -> None:
         super().__init__()
         self.experts, self.spec = experts, spec
-        self.width = {"topk": spec.top_k, "dense": spec.num_experts, "none": 1}[spec.mode]
+        self.width = SteeringSpec(spec.num_experts, spec.top_k, spec.mode).width
         self.register_buffer("num_real", num_real, persistent=False)
         self.register_buffer("gate_scale", torch.tensor(spec.gate_scale), persistent=False)
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from badit_serve.api.limits import Violation, error_response, read_json_body, replay
+from badit_serve.api.limits import Violation, error_response, request_json
 from badit_serve.core.steering import KEYS, SteeringError, SteeringSpec, parse_steering
 
 ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/invocations"})
@@ -112,11 +112,11 @@ def add_abilities(payload: dict[str, Any], routing: ServedRouting) -> dict[str, 
 
 
 class RequestRouting:
-    """Pure ASGI middleware: 400 for bad Badit controls, `badit_abilities` added to answers that ask."""
+    """Pure ASGI middleware inside `RequestGate` (which decodes the body once, `request_json`): 400 for bad
+    Badit controls, `badit_abilities` added to answers that ask."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = (
@@ -124,7 +124,7 @@ class RequestRouting:
         )
         if path not in ROUTED_PATHS or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
-        body, decoded = await read_json_body(receive, self.max_body_bytes)
+        decoded = request_json(scope)
         routing: ServedRouting | None = getattr(scope["app"].state, "badit_routing", None)
         violation = routing_request_violation(decoded, routing)
         if violation is not None:
@@ -132,7 +132,7 @@ class RequestRouting:
         asks = isinstance(decoded, dict) and (decoded.get(XARGS) or {}).get("badit_abilities")
         if asks and routing is not None:
             send = _summarising(send, routing)
-        await self.app(scope, replay(body, receive), send)
+        await self.app(scope, receive, send)
 
 
 def _summarising(send: Send, routing: ServedRouting) -> Send:

@@ -27,7 +27,7 @@ from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, ConfigDict
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from badit_serve.api.limits import INFERENCE_PATHS, Violation, error_response, read_json_body, replay
+from badit_serve.api.limits import INFERENCE_PATHS, Violation, error_response, request_json
 from badit_serve.core.adapter import (
     SLOTS_CONFIG_KEY,
     LoadedAdapter,
@@ -270,9 +270,8 @@ class OnDemandAdapters:
     (`badit_adapter_requests_total`). Slots and host memory never refuse a known adapter: vLLM schedules a
     request when a slot is free and reads an evicted adapter from disk again."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state: AdapterServingState | None = (
@@ -281,7 +280,7 @@ class OnDemandAdapters:
         path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
         if state is None or scope.get("method") != "POST" or path not in INFERENCE_PATHS:
             return await self.app(scope, receive, send)
-        body, decoded = await read_json_body(receive, self.max_body_bytes)
+        decoded = request_json(scope)
         name = decoded.get("model") if isinstance(decoded, dict) else None
         if isinstance(name, str):
             try:
@@ -291,4 +290,4 @@ class OnDemandAdapters:
                 return await error_response(violation)(scope, receive, send)
             if name in state.adapters:
                 residency_metrics().requests.labels(adapter=name).inc()
-        await self.app(scope, replay(body, receive), send)
+        await self.app(scope, receive, send)

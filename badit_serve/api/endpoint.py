@@ -138,8 +138,8 @@ class BaditEndpointPlugin:
         app.include_router(router)
         # Added before vLLM's own middleware (build_app), so it sits inside vLLM's key check.
         limits = RequestLimits.from_env(os.environ)
-        app.add_middleware(RequestRouting, max_body_bytes=limits.max_body_bytes)  # inside the gate
-        app.add_middleware(OnDemandAdapters, max_body_bytes=limits.max_body_bytes)
+        app.add_middleware(RequestRouting)  # both inside the gate, which decodes the body once
+        app.add_middleware(OnDemandAdapters)
         app.add_middleware(RequestGate, limits=limits, api_keys=api_keys(getattr(app.state, "args", None)))
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:

@@ -64,6 +64,8 @@ INFERENCE_PATHS = frozenset(  # the routes that put work on the engine (counted 
         "/inference/v1/generate",
     }
 )
+REQUEST_JSON = "badit.request_json"
+"""Scope key under which `RequestGate` leaves the decoded JSON body for the middleware inside it."""
 RETRY_STATUSES = frozenset({HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE})
 
 
@@ -216,14 +218,9 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-async def read_json_body(receive: Receive, limit: int) -> tuple[bytes, Any]:
-    """The request body (b"" past `limit`: the gate outside has refused those) and its JSON (None when it is
-    not JSON); replay the bytes to the app with `replay`."""
-    body = await read_body(receive, limit) or b""
-    try:
-        return body, json.loads(body) if body else None
-    except ValueError:
-        return body, None
+def request_json(scope: Scope) -> Any:
+    """The request's JSON body as `RequestGate` decoded it (None: no body, not JSON, or no gate outside)."""
+    return scope.get(REQUEST_JSON)
 
 
 def replay(body: bytes, receive: Receive) -> Receive:
@@ -262,7 +259,7 @@ class RequestGate:
         send = self._with_retry_after(send)
         if scope["method"] not in BODY_METHODS:
             return await self.app(scope, receive, send)
-        violation, body = await self._check(headers, receive)
+        violation, body = await self._check(headers, receive, scope)
         if violation is None and path in INFERENCE_PATHS:
             violation = self._unavailable(scope)
         if violation is not None:
@@ -298,7 +295,11 @@ class RequestGate:
             return _busy(self.limits)
         return _stopped(self.limits) if engine_stopped(scope) else None
 
-    async def _check(self, headers: Headers, receive: Receive) -> tuple[Violation | None, bytes]:
+    async def _check(
+        self, headers: Headers, receive: Receive, scope: Scope
+    ) -> tuple[Violation | None, bytes]:
+        """The first limit the request breaks (or None) and its body; a JSON body's decoded value is left
+        in the scope for the middleware inside (`request_json`), so it is parsed once."""
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.limits.max_body_bytes:
             return _too_large(self.limits), b""
@@ -309,6 +310,7 @@ class RequestGate:
             decoded = json.loads(body) if body else None
         except ValueError:  # not JSON: vLLM answers it
             return None, body
+        scope[REQUEST_JSON] = decoded
         return check_body(decoded, self.limits), body
 
     def _with_retry_after(self, send: Send) -> Send:

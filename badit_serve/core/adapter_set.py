@@ -150,10 +150,8 @@ class AdapterDirectory:
     """Validations run (a cached result is not counted)."""
 
     def names(self) -> list[str]:
-        """The adapters the directory holds now (subdirectories with an adapter manifest), sorted."""
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if (p / ADAPTER_INFO_FILE).is_file())
+        """The adapters the directory holds now, sorted (`adapter_names`)."""
+        return adapter_names(self.root)
 
     def path(self, name: str) -> Path | None:
         """DIR/name when `name` is a plain directory name holding an adapter manifest, else None."""
@@ -190,14 +188,18 @@ class AdapterDirectory:
         return cached[1]
 
 
+def adapter_names(root: Path) -> list[str]:
+    """The subdirectories of `root` that hold an adapter manifest, sorted (none if `root` is missing)."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / ADAPTER_INFO_FILE).is_file())
+
+
 def first_adapter(root: Path, verify_checksums: bool = True) -> LoadedAdapter:
     """The first adapter (by name) under an --adapter-dir that loads: what sets the served geometry when no
     --adapter is given."""
-    names = (
-        sorted(p.name for p in root.iterdir() if (p / ADAPTER_INFO_FILE).is_file()) if root.is_dir() else []
-    )
     errors = []
-    for name in names:
+    for name in adapter_names(root):
         try:
             return load_adapter(root / name, verify_checksums=verify_checksums)
         except ExportError as exc:

@@ -44,14 +44,9 @@ class RoutedLinear(nn.Module):
         b = self.block
         weights, selected = routing_weights(logits, b.top_k, b.router, b.gate_scale)
         self.last_selected = selected
-        self.last_experts = top_experts(logits, steering_spec(b).width)  # (T, width)
+        self.last_experts = top_experts(logits, SteeringSpec.of(b).width)  # (T, width)
         delta = routed_delta(flat, weights, self.lora_a, self.lora_b, b.scaling)  # (T, d_out)
         return out + delta.view(*x.shape[:-1], -1).to(out.dtype)
-
-
-def steering_spec(block: BaditBlock) -> SteeringSpec:
-    """What steering validation needs of an export's routing."""
-    return SteeringSpec(block.num_experts, block.top_k, block.router)
 
 
 def routed_layers(model: nn.Module) -> list[RoutedLinear]:

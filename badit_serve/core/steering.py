@@ -52,6 +52,12 @@ class SteeringSpec:
     top_k: int
     mode: RouterMode
 
+    @classmethod
+    def of(cls, routing: Any) -> SteeringSpec:
+        """From anything that names the routing as an export's `badit` block does (`BaditBlock`,
+        `SlotGeometry`): num_experts, top_k, router."""
+        return cls(routing.num_experts, routing.top_k, routing.router)
+
     @property
     def width(self) -> int:
         """Experts each token is routed to per layer: top_k, all K for 'dense', the single one for 'none'."""

@@ -86,8 +86,7 @@ class BaditCausalLMMixin:
         self._badit_register_row_count()
         self.badit_mlps = install_badit_mlps(self, block, self.badit_num_real)  # type: ignore[arg-type]
         check_coverage(self.badit_mlps, block, self._badit_is_missing)
-        spec = SteeringSpec(block.num_experts, block.top_k, block.router)
-        self._badit_attach_requests(spec, block.adapted_modules, self.badit_mlps)
+        self._badit_attach_requests(SteeringSpec.of(block), block.adapted_modules, self.badit_mlps)
 
     def _badit_attach_requests(
         self, spec: SteeringSpec, adapted: list[str], installed: Mapping[str, RoutedLayer]
@@ -102,10 +101,7 @@ class BaditCausalLMMixin:
             capture=returns_routed_experts(config),
             device=self.badit_num_real.device,
         )
-        layers = [installed[name] for name in adapted if name in installed]
-        attach_request_routing(
-            layers, self.badit_requests, [adapted.index(name) for name in adapted if name in installed]
-        )
+        attach_request_routing(adapted, installed, self.badit_requests)
 
     def _badit_register_row_count(self) -> None:
         # Built under vLLM's target-device context, like the model's parameters.
@@ -132,8 +128,9 @@ class BaditCausalLMMixin:
             loaded_base = super().load_weights(weights)  # type: ignore[misc]
             geometry = self.badit_slots
             self.badit_slot_layers = install_slot_layers(self, geometry, self.badit_num_real)  # type: ignore[arg-type]
-            spec = SteeringSpec(geometry.num_experts, geometry.top_k, geometry.router)  # type: ignore[arg-type]
-            self._badit_attach_requests(spec, geometry.adapted_modules, self.badit_slot_layers)
+            self._badit_attach_requests(
+                SteeringSpec.of(geometry), geometry.adapted_modules, self.badit_slot_layers
+            )
             return set(loaded_base)
         params = dict(self.named_parameters())  # type: ignore[attr-defined]
         loaded: set[str] = set()

@@ -16,6 +16,7 @@ Nothing here syncs with the host or depends on the data: the layers read `bias[:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -47,10 +48,6 @@ class RequestRoutingBuffers:
             routes = torch.full((capacity, layers, spec.width), NO_EXPERT, dtype=torch.int32, device=device)
         return cls(spec, bias, routes)
 
-    @property
-    def capacity(self) -> int:
-        return int(self.bias.shape[0])
-
 
 def record_routes(routes: torch.Tensor, layer: int, experts: torch.Tensor) -> None:
     """routes (N, L, W) int32: rows [0, T) of column `layer` = experts (T, W). Registered as
@@ -75,7 +72,7 @@ _register_ops()
 
 def returns_routed_experts(vllm_config: Any) -> bool:
     """Whether the engine returns routed experts (vLLM's `aux_output_config`, which badit-serve turns on
-    for --return-routed-experts, see `badit_serve.internals.enable_routed_experts_output`)."""
+    for Badit models: `badit_serve.internals.accept_routed_experts_for_badit`)."""
     aux = getattr(vllm_config, "aux_output_config", None)
     return bool(getattr(aux, "enable_return_routed_experts", False))
 
@@ -98,12 +95,15 @@ class RoutedLayer(Protocol):
 
 
 def attach_request_routing(
-    layers: list[RoutedLayer], buffers: RequestRoutingBuffers, columns: list[int]
+    adapted: list[str], installed: Mapping[str, RoutedLayer], buffers: RequestRoutingBuffers
 ) -> None:
-    """Give each routed layer the model's buffers, as non-persistent buffers of the layer (so torch.compile
-    lifts them as graph inputs, like `num_real`), and its column of `routes` (its place in the adapted
-    modules: with pipeline parallelism a stage holds some of them)."""
-    for layer, index in zip(layers, columns, strict=True):
+    """Give each routed layer installed here the model's buffers, as non-persistent buffers of the layer (so
+    torch.compile lifts them as graph inputs, like `num_real`), and its column of `routes`: its place in
+    the adapted modules (with pipeline parallelism a stage holds some of them)."""
+    for index, name in enumerate(adapted):
+        layer = installed.get(name)
+        if layer is None:
+            continue
         layer.layer_index = index
         layer.register_buffer("steer_bias", buffers.bias, persistent=False)
         layer.register_buffer("routes", buffers.routes, persistent=False)

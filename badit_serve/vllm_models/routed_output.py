@@ -209,7 +209,7 @@ def install_request_routing(model_runner: Any) -> RequestRouting | None:
             )
         )
 
-    def after(output: Any, _: Any) -> Any:
+    def after(output: Any) -> Any:
         armed[0] = False
         routing.after_step()
         if buffers.routes is None:
