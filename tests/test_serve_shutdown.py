@@ -99,11 +99,12 @@ def _start(export: Path, root: Path) -> ServerProcess:
 
 async def _load_then_signal(url: str, send: Callable[[], None]) -> tuple[list[Client], float]:
     """CLIENTS clients stream MAX_TOKENS requests back to back until 2 × CLIENTS have completed; then each
-    sends one of LONG_TOKENS, its last, and `send()` goes once every client has sent its long request and
-    one of them streams, so every client has a request in flight when the signal arrives and none can finish
-    it first. (Two earlier triggers raced: half the streams mid-way let 200-token streams finish and clients
-    reconnect to a closing server; waiting for every long stream's first event let one 1,000-token stream
-    finish while the API server had not yet answered others: seen on 2-core machines, in CI and here.)
+    client's next request asks LONG_TOKENS and is its last. `send()` goes as soon as one long request
+    streams: that stream is in flight when the signal arrives and cannot finish first. Clients still on a
+    short request complete it or are aborted; their long request then meets a stopping server, and every
+    such ending is one the test accepts. (Triggers that waited for every client made the test depend on
+    how fast the API server answers 16 clients on 2 cores: in CI one client's 1,000-token stream finished
+    while 14 others had waited that long for a status line, and a client stopped before the signal.)
     Returns the clients and the monotonic time the signal was sent."""
     completed = 0
     body = {
@@ -133,12 +134,11 @@ async def _load_then_signal(url: str, send: Callable[[], None]) -> tuple[list[Cl
 
         tasks = [asyncio.create_task(client(c)) for c in range(CLIENTS)]
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:  # the signal goes once every client has sent its long request and one streams it
-            streaming = [r for c, r in enumerate(current) if long[c] and r and r.status == 200 and r.events]
-            if all(long) and streaming:
+        while True:  # the signal goes once one long request streams; none can have finished before
+            if any(long[c] and r and r.status == 200 and r.events for c, r in enumerate(current)):
                 break
             assert not any(t.done() for t in tasks), f"a client stopped before the signal: {current}"
-            assert time.monotonic() < deadline, f"never every client on its long request: {current}"
+            assert time.monotonic() < deadline, f"no long request streamed: {current}"
             await asyncio.sleep(0.01)
         sent = time.monotonic()
         send()
