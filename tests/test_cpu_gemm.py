@@ -87,6 +87,34 @@ def test_prepacked_slots_follow_set_and_reset() -> None:
     assert _delta(stacked, x, slots, d_out)[rows1].abs().sum() == 0
 
 
+def test_slot_changes_between_uses_pack_once() -> None:
+    """Activating m adapters before a step packs the slots once at the step, not m times (each pack copies
+    every slot: 186 ms of a cold load on the default model, benchmarks/slot_activation.py); the plain matmul
+    reads the weights at call time and is never repacked."""
+    k, rank, d_in, d_out = 4, 4, 32, 48
+    adapters = [_adapter(seed, k, rank, d_in, d_out) for seed in range(3)]
+    stacked = ServedExperts.empty_slots(3, SlotShape(k, k * rank, d_in, d_out), torch.float32, "cpu")
+    stacked.use_gemm(onednn_gemm)
+    before = stacked.packs
+    for slot, adapter in enumerate(adapters):
+        stacked.set_slot(slot, adapter)
+    stacked.reset_slot(2)
+    assert stacked.packs == before  # nothing packed until the next use
+    x = torch.randn(6, d_in)
+    slots = SlotIndex.of(torch.tensor([0, 1, 2, 0, 1, 2]), 3, grouped=False)
+    got = _delta(stacked, x, slots, d_out)
+    assert stacked.packs == before + 1
+    for row, slot in enumerate([0, 1, 2, 0, 1, 2]):
+        want = torch.zeros(d_out) if slot == 2 else _delta(adapters[slot], x[row : row + 1], None, d_out)[0]
+        torch.testing.assert_close(got[row], want, rtol=1e-5, atol=1e-5)
+    _delta(stacked, x, slots, d_out)
+    assert stacked.packs == before + 1  # unchanged slots: the packed copies are reused
+    plain = ServedExperts.empty_slots(3, SlotShape(k, k * rank, d_in, d_out), torch.float32, "cpu")
+    plain.set_slot(0, adapters[0])
+    _delta(plain, x, slots, d_out)
+    assert plain.packs == 1  # the constructor's only
+
+
 def test_moving_the_experts_makes_the_gemms_again() -> None:
     experts = _adapter(3, 4, 4, 32, 48)
     experts.use_gemm(TorchGemm)

@@ -90,8 +90,10 @@ class ServedExperts(nn.Module):
     router: (S * N_router, d_in) float32, per slot the router's K rows (no rows in mode 'none').
     lora_a: (S * K*R, d_in) in the model dtype: per slot A'.
     lora_b: (d_out, S * K*R) in the model dtype: per slot s * B'.
-    A and B run through Gemms made by a `GemmFactory` (`use_gemm`; plain matmuls by default), made again
-    after every slot change; the router is a plain float32 matmul.
+    A and B run through Gemms made by a `GemmFactory` (`use_gemm`; plain matmuls by default); the router is
+    a plain float32 matmul. A prepacking factory's Gemms hold copies of the weights: a slot change marks
+    them stale and the next use makes them again, once however many slots changed in between (vLLM
+    activates every adapter new to a step before it runs the step).
     """
 
     router: torch.Tensor
@@ -113,6 +115,8 @@ class ServedExperts(nn.Module):
         self.num_router = num_router
         self.num_slots = num_slots
         self.gemm_factory: GemmFactory = TorchGemm
+        self.packs = 0
+        """Times the Gemms were made (one per batch of slot changes with a prepacking factory)."""
         self._pack()
 
     @property
@@ -134,8 +138,28 @@ class ServedExperts(nn.Module):
 
     def _pack(self) -> None:
         self.router_gemm: Gemm = TorchGemm(self.router)
-        self.a_gemm: Gemm = self.gemm_factory(self.lora_a)
-        self.b_gemm: Gemm = self.gemm_factory(self.lora_b)
+        self._a_gemm: Gemm = self.gemm_factory(self.lora_a)
+        self._b_gemm: Gemm = self.gemm_factory(self.lora_b)
+        self._stale = False
+        self.packs += 1
+
+    def _slots_changed(self) -> None:
+        """A slot's values changed: Gemms holding packed copies are made again at their next use. The plain
+        matmul reads the weights at call time and is never stale (so a compiled graph's guard on `_stale`
+        never fails on CUDA, where slot changes happen between steps)."""
+        self._stale = self.gemm_factory is not TorchGemm
+
+    @property
+    def a_gemm(self) -> Gemm:
+        if self._stale:
+            self._pack()
+        return self._a_gemm
+
+    @property
+    def b_gemm(self) -> Gemm:
+        if self._stale:
+            self._pack()
+        return self._b_gemm
 
     @classmethod
     def build(
@@ -188,7 +212,7 @@ class ServedExperts(nn.Module):
         self.router[routers].copy_(adapter.router)  # (N_router, d_in)
         self.lora_a[rows].copy_(adapter.lora_a)  # (K*R, d_in), cast to the model dtype
         self.lora_b[:, rows].copy_(adapter.lora_b)  # (d_out, K*R), cast to the model dtype
-        self._pack()
+        self._slots_changed()
 
     def reset_slot(self, index: int) -> None:
         """Zero slot `index` (its tokens then get no delta until the next `set_slot`)."""
@@ -196,7 +220,7 @@ class ServedExperts(nn.Module):
         self.router[routers].zero_()
         self.lora_a[rows].zero_()
         self.lora_b[:, rows].zero_()
-        self._pack()
+        self._slots_changed()
 
     def _slot_ranges(self, index: int) -> tuple[slice, slice]:
         if not 0 <= index < self.num_slots:
