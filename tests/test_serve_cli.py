@@ -112,3 +112,21 @@ def test_cli_turns_request_limits_into_vllm_options_and_the_plugins_environment(
     assert RequestLimits.from_env(env) == RequestLimits(max_sequences=3, max_tokens=77)
     assert ENV_LIMITS in env
     assert main(["/x", "--max-n", "0"]) == 2 and "max_sequences" in capsys.readouterr().err
+
+
+def test_the_server_process_stops_at_once_when_the_endpoint_plugin_cannot_be_imported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """vLLM only logs a failed endpoint plugin and serves without Badit's routes and on-demand adapters; the
+    server process must fail instead, before it starts anything."""
+    import sys
+
+    from badit_serve.launch import cli
+
+    monkeypatch.setitem(sys.modules, "badit_serve.api.endpoint", None)  # importing it raises ImportError
+    started: list[str] = []
+    monkeypatch.setattr(cli, "watch_lifeline", lambda: started.append("lifeline"))
+    monkeypatch.setattr(cli, "apply_cpu_defaults", lambda env: started.append("cpu defaults"))
+    with pytest.raises(ImportError, match="badit_serve.api.endpoint"):
+        cli.run_vllm_server(["/nonexistent/model"])
+    assert started == []

@@ -329,6 +329,14 @@ def vllm_server_command(vllm_args: list[str]) -> list[str]:
     return [sys.executable, "-c", SERVER_CODE, *vllm_args]
 
 
+def require_endpoint_plugin() -> None:
+    """Import Badit's endpoint plugin now, so that an error in it stops the server at once with its traceback.
+    vLLM loads the `vllm.endpoint_plugins` group later, logs a failure and serves on without Badit's
+    routes, limits and on-demand adapters (seen: a server answering 404 for every adapter under
+    --adapter-dir, its only sign an ERROR line in the log)."""
+    import badit_serve.api.endpoint  # noqa: F401
+
+
 def run_vllm_server(vllm_args: list[str]) -> None:
     """vLLM's OpenAI server in this process, the Badit model classes registered (also used by the serving
     benchmark to serve a plain base model with the same settings). On CPU: `CPU_ENV_DEFAULTS` unless set."""
@@ -341,7 +349,8 @@ def run_vllm_server(vllm_args: list[str]) -> None:
 
     from badit_serve.plugin import register
 
-    watch_lifeline()  # first: if badit-serve is killed outright, this server and its processes end too
+    require_endpoint_plugin()
+    watch_lifeline()  # if badit-serve is killed outright, this server and its processes end too
     if current_platform.is_cpu():
         apply_cpu_defaults(os.environ)
     cli_env_setup()
