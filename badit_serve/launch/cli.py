@@ -52,6 +52,14 @@ from badit_serve.core.cpu_features import native_bf16
 from badit_serve.core.exit_codes import EXIT_USAGE
 from badit_serve.core.export_io import ExportError, load_export
 from badit_serve.core.servable import check_block_servable
+from badit_serve.launch.node_metrics import serve_node_metrics
+from badit_serve.launch.parallel import (
+    ENV_THREADS_BIND,
+    ParallelLayout,
+    executor_problem,
+    numa_nodes,
+    thread_binding,
+)
 from badit_serve.launch.supervisor import supervise, watch_lifeline
 from badit_serve.launch.vllm_options import vllm_adapter_args
 from badit_serve.metrics.adapter_metrics import ENV_ADAPTER_LAYER_METRICS
@@ -301,11 +309,19 @@ def main(argv: list[str] | None = None) -> int:
     from vllm.platforms import current_platform
 
     on_cpu = current_platform.is_cpu()
+    try:
+        place_parallel_ranks(passthrough, os.environ, current_platform.ray_device_key, on_cpu)
+    except ValueError as exc:
+        print(f"badit-serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     dtype = "float32"
     if not _given(passthrough, "--dtype"):
         supported = [str(d).removeprefix("torch.") for d in current_platform.supported_dtypes]
         dtype, why = default_dtype(on_cpu, supported, on_cpu and native_bf16())
         print(f"badit-serve: serving in {why}", file=sys.stderr)
+    if _given(passthrough, "--headless"):  # engines only: this node's counters are served from here
+        serve_node_metrics(opts.host, opts.port, metrics_dir)
+        print(f"badit-serve: headless: this node's /metrics on {opts.host}:{opts.port}", file=sys.stderr)
     ended = supervise(vllm_server_command(vllm_argv(opts, [*extra, *passthrough], dtype)), os.environ)
     print(
         f"badit-serve: server exited with code {ended.exit_code}; {ended.waited_for} of its processes "
@@ -313,6 +329,26 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     return ended.exit_code
+
+
+def place_parallel_ranks(
+    passthrough: list[str], env: MutableMapping[str, str], ray_device_key: str, on_cpu: bool
+) -> None:
+    """Refuse an executor the platform lacks; on CPU, give every local rank its cores unless the user did
+    (`badit_serve.launch.parallel`). ValueError naming the problem."""
+    layout = ParallelLayout.of(passthrough)
+    problem = executor_problem(layout, ray_device_key)
+    if problem is not None:
+        raise ValueError(problem)
+    if not on_cpu or ENV_THREADS_BIND in env:
+        return
+    binding = thread_binding(layout, sorted(os.sched_getaffinity(0)), numa_nodes())
+    if binding is not None:
+        env[ENV_THREADS_BIND] = binding
+        print(
+            f"badit-serve: {layout.local_ranks} local ranks on one NUMA node: {ENV_THREADS_BIND}={binding}",
+            file=sys.stderr,
+        )
 
 
 def apply_cpu_defaults(env: MutableMapping[str, str]) -> None:
