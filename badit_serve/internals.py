@@ -237,6 +237,24 @@ def engine_output_handler(engine_client: Any) -> tuple[asyncio.Task[Any], Any] |
     return handler, processor
 
 
+async def every_worker_rpc(
+    engine_client: Any, method: str, kwargs: dict[str, Any] | None = None
+) -> list[Any]:
+    """`method` on every worker of every engine core, one result per worker, engine after engine.
+    `EngineClient.collective_rpc` returns only the first engine's workers under data parallelism
+    (`DPLBAsyncMPClient.call_utility_async`, vllm/v1/engine/core_client.py: "Only the result from the first
+    engine is returned"); `AsyncLLM.engine_core.call_utility_all_async("collective_rpc", ...)` asks every
+    engine it manages (one result per engine: that engine's list per worker). A client without it (not an
+    AsyncLLM over engine-core processes) falls back to `collective_rpc`."""
+    core = getattr(engine_client, "engine_core", None)
+    ask_all = getattr(core, "call_utility_all_async", None)
+    if ask_all is None:
+        results: list[Any] = await engine_client.collective_rpc(method, kwargs=kwargs)
+        return results
+    per_engine = await ask_all("collective_rpc", method, None, (), kwargs)
+    return [result for workers in per_engine for result in workers]
+
+
 # --- torch ----------------------------------------------------------------------------------------------
 
 

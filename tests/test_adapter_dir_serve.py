@@ -18,13 +18,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from badit_serve.core.adapter import ADAPTER_WEIGHTS_FILE
 from badit_serve.core.reference import load_reference_adapter
 from badit_serve.launch.server_process import ServerProcess
-from tests.support.badit_exports import make_adapter
+from tests.support.badit_exports import greedy_tokens, make_adapter
 from tests.support.badit_server import ServeOptions, launch_badit_serve, wait_healthy_or_fail
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
@@ -78,14 +77,6 @@ class DirServer:
         return sum(e["tokens"] for layer in response.json()["layers"] for e in layer["experts"])
 
 
-@torch.no_grad()
-def _greedy(model: torch.nn.Module, prompt: list[int]) -> list[int]:
-    out = model.generate(
-        torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None
-    )
-    return out[0, len(prompt) :].tolist()
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[DirServer]:
     root = tmp_path_factory.mktemp("adapter_dir")
@@ -102,7 +93,7 @@ def server(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
         for i in range(ADAPTERS):
             reference = load_reference_adapter(base, adapter_dir / f"t{i:02d}")
             for p, prompt in enumerate(PROMPTS):
-                handle.expected[(f"t{i:02d}", p)] = _greedy(reference, prompt)
+                handle.expected[(f"t{i:02d}", p)] = greedy_tokens(reference, prompt, MAX_TOKENS)
         wait_healthy_or_fail(process)
         yield handle
     finally:
@@ -162,7 +153,7 @@ def test_an_adapter_added_while_serving_answers_and_a_corrupted_one_gets_422_nam
     new = make_adapter(tiny_model_dirs["llama"], server.root / "staging" / "late", steps=1, seed=7)
     shutil.copytree(new, server.adapter_dir / "late")
     reference = load_reference_adapter(tiny_model_dirs["llama"], server.adapter_dir / "late")
-    assert server.tokens("late", 0) == _greedy(reference, PROMPTS[0])
+    assert server.tokens("late", 0) == greedy_tokens(reference, PROMPTS[0], MAX_TOKENS)
     broken = Path(shutil.copytree(server.adapter_dir / "t03", server.adapter_dir / "broken"))
     raw = bytearray((broken / ADAPTER_WEIGHTS_FILE).read_bytes())
     raw[-1] ^= 0xFF

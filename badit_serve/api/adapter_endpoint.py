@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from badit_serve.api.limits import INFERENCE_PATHS, Violation, error_response, request_json
+from badit_serve.api.worker_reports import merge_residency, worker_reports
 from badit_serve.core.adapter import (
     SLOTS_CONFIG_KEY,
     LoadedAdapter,
@@ -138,10 +139,8 @@ async def list_adapters(request: Request) -> AdaptersResponse:
 
 
 async def residency(state: AdapterServingState) -> dict[int, str]:
-    """lora id -> slot / host now, from the reporting worker (`badit_adapter_residency`)."""
-    results = await state.engine_client.collective_rpc("badit_adapter_residency")
-    found = next((r for r in results if r and r.get("report")), None)
-    return {} if found is None else {int(k): v for k, v in found["where"].items()}
+    """lora id -> slot / host now, the nearest over every engine (`badit_adapter_residency`)."""
+    return merge_residency(await worker_reports(state.engine_client, "badit_adapter_residency"))
 
 
 def _refuse_name(state: AdapterServingState, name: str) -> None:

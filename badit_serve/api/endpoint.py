@@ -30,6 +30,7 @@ from badit_serve.api.adapter_endpoint import (
 from badit_serve.api.engine_stop import end_requests_when_engine_stops
 from badit_serve.api.limits import RequestGate, RequestLimits, api_keys
 from badit_serve.api.schemas import ExpertCounts, ExpertsResponse, LayerCounts
+from badit_serve.api.worker_reports import merge_expert_stats, worker_reports
 from badit_serve.core.adapter import SLOTS_CONFIG_KEY
 from badit_serve.core.export_io import read_block
 from badit_serve.core.format import ROUTING_TABLE_FILE, BaditBlock, RoutingTable
@@ -103,8 +104,7 @@ async def get_experts(request: Request, adapter: str | None = None) -> ExpertsRe
             status_code=503,
             detail="expert counting is not running (start the server with badit-serve, which installs the worker extension)",
         )
-    results = await state.engine_client.collective_rpc("badit_expert_stats")
-    stats = next((r for r in results if r and r.get("report")), None)
+    stats = merge_expert_stats(await worker_reports(state.engine_client, "badit_expert_stats"))
     if stats is None:
         raise HTTPException(status_code=503, detail="no worker reported expert statistics")
     if served is not None:

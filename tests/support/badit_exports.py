@@ -70,3 +70,12 @@ def reference_scores(
     logprobs = torch.log_softmax(model(ids).logits[0, len(prompt) - 1 : -1].float(), dim=-1)  # (N, V)
     chosen = logprobs.gather(-1, torch.tensor(tokens)[:, None])[:, 0]  # (N,)
     return logprobs.max(dim=-1).values.tolist(), chosen.tolist()
+
+
+@torch.no_grad()
+def greedy_tokens(model: torch.nn.Module, prompt: list[int], max_tokens: int) -> list[int]:
+    """The reference's greedy continuation of `prompt`: exactly `max_tokens` tokens (no stop at eos)."""
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=None
+    )
+    return out[0, len(prompt) :].tolist()
