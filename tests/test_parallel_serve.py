@@ -5,7 +5,9 @@ One server per mode on the tiny labelled llama export (2 layers), or its base wi
 - `--tensor-parallel-size 2`: routers and A replicated on both ranks, B and the base projections sharded
   by output rows (docs/SERVING.md "Parallel serving"); only rank 0 reports the replicated routing;
 - `--pipeline-parallel-size 2`: each stage holds and reports one layer;
-- `--data-parallel-size 2`: two engines behind one API server, each counting its own requests.
+- `--data-parallel-size 2`: two engines behind one API server, each counting its own requests;
+- the same across "machines" on loopback: a headless badit-serve's engine joining the head's over
+  --data-parallel-address, its counters on its own /metrics.
 
 Concurrent completions (so that both data-parallel engines get work) must equal the float32 reference
 loader's greedy tokens, and every layer's counters must grow by exactly top_k × routed tokens, in /metrics
@@ -26,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from badit_serve.core.export_io import load_export
 from badit_serve.core.reference import load_reference_adapter, load_reference_model
 from badit_serve.launch.parallel import ENV_THREADS_BIND
+from badit_serve.launch.server_process import free_port
 from badit_serve.metrics.adapter_metrics import ALL_ADAPTERS
 from tests.support.badit_exports import greedy_tokens, make_adapter, make_export
 from tests.support.badit_server import API_KEY, MODEL, ServeOptions, launch_badit_serve, wait_healthy_or_fail
@@ -150,3 +153,46 @@ def test_parallel_serving_equals_the_reference_and_counts_every_routed_token_onc
         assert layer["tokens"] == forwarded, f"{mode}: /v1/badit/experts {layer['layer']}"
     if mode == "dp2":  # both engines served requests, and their counts were added
         assert len(engines) == 2, engines
+
+
+def test_headless_data_parallel_engine_joins_the_head_and_every_token_is_counted_once(
+    exports: dict[str, Path], tmp_path: Path
+) -> None:
+    """Two machines the way vLLM spans them without Ray, on loopback: the head (API server, engine 0) and a
+    headless badit-serve (engine 1) joining it over --data-parallel-address. The head's /v1/badit/experts
+    covers both engines; each node's /metrics has its own engine's counts and their sum is exact."""
+    rpc = free_port()
+    common = ("--dtype", "float32", "--data-parallel-size", "2", "--data-parallel-size-local", "1")
+    common += ("--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(rpc))
+    head_dir, node_dir = tmp_path / "head", tmp_path / "node"
+    head_dir.mkdir()
+    node_dir.mkdir()
+    node = launch_badit_serve(
+        exports["export"],
+        node_dir,
+        ServeOptions(extra=(*common, "--headless", "--data-parallel-start-rank", "1")),
+    )
+    head = launch_badit_serve(exports["export"], head_dir, ServeOptions(extra=common))
+    try:
+        reference = _reference(exports, adapter=False)
+        expected = {tuple(p): reference(p) for p in PROMPTS}
+        wait_healthy_or_fail(head)
+        _experts(head.url, None)
+        before = [_per_layer(head.url, None), _per_layer(node.url, None)]
+        with ThreadPoolExecutor(len(PROMPTS) * REPEATS) as pool:
+            answers = list(pool.map(lambda p: _complete(head.url, MODEL, p), PROMPTS * REPEATS))
+        for prompt, answer in zip(PROMPTS * REPEATS, answers, strict=True):
+            assert answer["choices"][0]["token_ids"] == expected[tuple(prompt)], f"prompt {prompt}"
+        forwarded = sum(a["usage"]["prompt_tokens"] + a["usage"]["completion_tokens"] - 1 for a in answers)
+        experts = _experts(head.url, None)  # flushes both engines' counters
+        after = [_per_layer(head.url, None), _per_layer(node.url, None)]
+    finally:
+        head.stop()
+        node.stop()
+    top_k = load_export(exports["export"]).block.top_k
+    for layer in experts["layers"]:
+        assert layer["tokens"] == forwarded, f"/v1/badit/experts layer {layer['layer']}"
+    grown = [{k: a.get(k, 0.0) - b.get(k, 0.0) for k in LAYERS} for a, b in zip(after, before, strict=True)]
+    for layer in LAYERS:
+        assert grown[0][layer] + grown[1][layer] == top_k * forwarded, f"layer {layer}: {grown}"
+    assert all(g[LAYERS[0]] > 0 for g in grown), f"an engine served nothing: {grown}"
