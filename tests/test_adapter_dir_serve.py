@@ -24,7 +24,12 @@ from badit_serve.core.adapter import ADAPTER_WEIGHTS_FILE
 from badit_serve.core.reference import load_reference_adapter
 from badit_serve.launch.server_process import ServerProcess
 from tests.support.badit_exports import greedy_tokens, make_adapter
-from tests.support.badit_server import ServeOptions, launch_badit_serve, wait_healthy_or_fail
+from tests.support.badit_server import (
+    ServeOptions,
+    greedy_completion,
+    launch_badit_serve,
+    wait_healthy_or_fail,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
 
@@ -49,15 +54,7 @@ class DirServer:
         return {"Authorization": f"Bearer {API_KEY}"}
 
     def complete(self, model: str, prompt: list[int]) -> httpx.Response:
-        body = {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": MAX_TOKENS,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "return_token_ids": True,
-        }
-        return httpx.post(f"{self.url}/v1/completions", json=body, headers=self.headers(), timeout=300)
+        return greedy_completion(self.url, model, prompt, MAX_TOKENS, API_KEY)
 
     def tokens(self, model: str, prompt: int) -> list[int]:
         response = self.complete(model, PROMPTS[prompt])

@@ -27,7 +27,12 @@ from badit_serve.core.reference import load_reference_adapter
 from badit_serve.core.steering import SteeringSpec, parse_steering
 from badit_serve.launch.server_process import ServerProcess
 from tests.support.badit_exports import make_adapter, reference_scores
-from tests.support.badit_server import ServeOptions, launch_badit_serve, wait_healthy_or_fail
+from tests.support.badit_server import (
+    ServeOptions,
+    greedy_completion,
+    launch_badit_serve,
+    wait_healthy_or_fail,
+)
 from tests.support.routed_experts import NO_EXPERT_U8, reference_routes, same_experts, served_routes
 from tests.support.tiny_models import TINY_VOCAB, build_tiny_model
 
@@ -56,16 +61,7 @@ class MultiServer:
     def complete(
         self, model: str, prompt: list[int], max_tokens: int = MAX_TOKENS, **extra: object
     ) -> httpx.Response:
-        body = {
-            **extra,
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "return_token_ids": True,
-        }
-        return httpx.post(f"{self.url}/v1/completions", json=body, headers=self.headers(), timeout=120)
+        return greedy_completion(self.url, model, prompt, max_tokens, API_KEY, **extra)
 
     def tokens_and_logprobs(self, model: str, prompt: list[int]) -> tuple[list[int], list[float]]:
         response = self.complete(model, prompt, logprobs=0)

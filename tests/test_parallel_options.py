@@ -14,9 +14,9 @@ from badit_serve.launch.parallel import (
     ParallelLayout,
     executor_problem,
     numa_nodes,
-    option_value,
     thread_binding,
 )
+from badit_serve.launch.passthrough import option_value
 
 
 def test_the_layout_reads_long_short_and_inline_forms_and_the_last_one_wins() -> None:

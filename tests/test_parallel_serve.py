@@ -31,7 +31,14 @@ from badit_serve.launch.parallel import ENV_THREADS_BIND
 from badit_serve.launch.server_process import free_port
 from badit_serve.metrics.adapter_metrics import ALL_ADAPTERS
 from tests.support.badit_exports import greedy_tokens, make_adapter, make_export
-from tests.support.badit_server import API_KEY, MODEL, ServeOptions, launch_badit_serve, wait_healthy_or_fail
+from tests.support.badit_server import (
+    API_KEY,
+    MODEL,
+    ServeOptions,
+    greedy_completion,
+    launch_badit_serve,
+    wait_healthy_or_fail,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
 
@@ -78,15 +85,7 @@ def _experts(url: str, adapter: str | None) -> dict:
 
 
 def _complete(url: str, model: str, prompt: list[int]) -> dict:
-    body = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "return_token_ids": True,
-    }
-    response = httpx.post(f"{url}/v1/completions", json=body, headers=HEADERS, timeout=300)
+    response = greedy_completion(url, model, prompt, MAX_TOKENS)
     assert response.status_code == 200, response.text
     return response.json()
 

@@ -22,7 +22,14 @@ from badit_serve.core.reference import load_reference_model
 from badit_serve.core.steering import SteeringSpec, parse_steering
 from badit_serve.launch.server_process import ServerProcess
 from tests.support.badit_exports import make_export
-from tests.support.badit_server import API_KEY, MODEL, ServeOptions, launch_badit_serve, wait_healthy_or_fail
+from tests.support.badit_server import (
+    API_KEY,
+    MODEL,
+    ServeOptions,
+    greedy_completion,
+    launch_badit_serve,
+    wait_healthy_or_fail,
+)
 from tests.support.routed_experts import reference_routes, same_experts, served_routes
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
@@ -42,19 +49,9 @@ class Server:
     labels: dict[str, str]
 
     def complete(self, prompt: list[int], xargs: dict | None = None, **extra: object) -> httpx.Response:
-        body: dict = {
-            "model": MODEL,
-            "prompt": prompt,
-            "max_tokens": MAX_TOKENS,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "return_token_ids": True,
-            **extra,
-        }
         if xargs is not None:
-            body["vllm_xargs"] = xargs
-        headers = {"Authorization": f"Bearer {API_KEY}"}
-        return httpx.post(f"{self.url}/v1/completions", json=body, headers=headers, timeout=120)
+            extra["vllm_xargs"] = xargs
+        return greedy_completion(self.url, MODEL, prompt, MAX_TOKENS, **extra)
 
     def choice(self, prompt: list[int], xargs: dict | None = None) -> dict:
         response = self.complete(prompt, xargs)

@@ -32,24 +32,20 @@ async def worker_reports(
     return [r for r in results if r and r.get("report")]
 
 
+LAYER_SUMS = ("tokens", "router_weight_sums")
+"""The per-expert lists of a layer's totals (`LayerTotals`), added across workers."""
+
+
 def merge_layers(per_worker: Iterable[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Layer totals (`LayerTotals` as dicts: module, tokens, router_weight_sums) of several workers summed by
     module, in the order modules first appear (stage 0's layers, then stage 1's)."""
     merged: dict[str, dict[str, Any]] = {}
     for layers in per_worker:
         for layer in layers:
-            seen = merged.get(layer["module"])
-            if seen is None:
-                merged[layer["module"]] = {
-                    "module": layer["module"],
-                    "tokens": list(layer["tokens"]),
-                    "router_weight_sums": list(layer["router_weight_sums"]),
-                }
-                continue
-            seen["tokens"] = [a + b for a, b in zip(seen["tokens"], layer["tokens"], strict=True)]
-            seen["router_weight_sums"] = [
-                a + b for a, b in zip(seen["router_weight_sums"], layer["router_weight_sums"], strict=True)
-            ]
+            seen = merged.setdefault(layer["module"], {"module": layer["module"]})
+            for key in LAYER_SUMS:
+                before = seen.get(key, [0] * len(layer[key]))
+                seen[key] = [a + b for a, b in zip(before, layer[key], strict=True)]
     return list(merged.values())
 
 

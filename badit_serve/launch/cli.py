@@ -61,6 +61,7 @@ from badit_serve.launch.parallel import (
     numa_nodes,
     thread_binding,
 )
+from badit_serve.launch.passthrough import given
 from badit_serve.launch.supervisor import supervise, watch_lifeline
 from badit_serve.launch.vllm_options import vllm_adapter_args
 from badit_serve.metrics.adapter_metrics import ENV_ADAPTER_LAYER_METRICS
@@ -161,7 +162,7 @@ def routed_experts_args(opts: argparse.Namespace, passthrough: list[str]) -> lis
     if not opts.return_routed_experts:
         return []
     caching = ("--enable-prefix-caching", "--no-enable-prefix-caching")
-    keep = [] if any(_given(passthrough, flag) for flag in caching) else ["--no-enable-prefix-caching"]
+    keep = [] if given(passthrough, *caching) else ["--no-enable-prefix-caching"]
     return ["--enable-return-routed-experts", *keep]
 
 
@@ -193,15 +194,6 @@ def export_limits(env: MutableMapping[str, str], limits: RequestLimits) -> None:
     env["VLLM_MAX_N_SEQUENCES"] = str(limits.max_sequences)
 
 
-def _given(passthrough: list[str], flag: str) -> bool:
-    """Whether a vLLM option was passed through (`--max-model-len 1`, `--max-model-len=1`, `--max_model_len`)."""
-    for arg in passthrough:
-        name = arg.split("=", 1)[0]
-        if name.startswith("--") and name.replace("_", "-") == flag:
-            return True
-    return False
-
-
 def default_dtype(on_cpu: bool, supported: list[str], cpu_has_bf16: bool) -> tuple[str, str]:
     """The dtype to serve in when --dtype is not given, and why.
 
@@ -231,13 +223,13 @@ def vllm_argv(opts: argparse.Namespace, passthrough: list[str], dtype: str = "bf
         argv += ["--api-key", opts.api_key]
     if opts.served_model_name:
         argv += ["--served-model-name", opts.served_model_name]
-    if not _given(passthrough, "--max-model-len"):
+    if not given(passthrough, "--max-model-len"):
         argv += ["--max-model-len", str(DEFAULT_MAX_MODEL_LEN)]
-    if not _given(passthrough, "--dtype"):
+    if not given(passthrough, "--dtype"):
         argv += ["--dtype", dtype]
-    if not _given(passthrough, "--max-num-queued-reqs"):
+    if not given(passthrough, "--max-num-queued-reqs"):
         argv += ["--max-num-queued-reqs", str(opts.max_in_flight * opts.max_sequences)]
-    if not _given(passthrough, "--override-generation-config"):
+    if not given(passthrough, "--override-generation-config"):
         argv += ["--override-generation-config", json.dumps({"max_new_tokens": opts.max_tokens})]
     return argv + passthrough
 
@@ -288,7 +280,7 @@ def command_line(argv: list[str], env: Mapping[str, str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = command_line(sys.argv[1:] if argv is None else list(argv), os.environ)
     opts, passthrough = build_parser(os.environ).parse_known_args(argv)
-    if _given(passthrough, "--worker-extension-cls"):
+    if given(passthrough, "--worker-extension-cls"):
         print("badit-serve: --worker-extension-cls is set by badit-serve itself", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -316,11 +308,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"badit-serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     dtype = "float32"
-    if not _given(passthrough, "--dtype"):
+    if not given(passthrough, "--dtype"):
         supported = [str(d).removeprefix("torch.") for d in current_platform.supported_dtypes]
         dtype, why = default_dtype(on_cpu, supported, on_cpu and native_bf16())
         print(f"badit-serve: serving in {why}", file=sys.stderr)
-    if _given(passthrough, "--headless"):  # engines only: this node's counters are served from here
+    if given(passthrough, "--headless"):  # engines only: this node's counters are served from here
         serve_node_metrics(opts.host, opts.port, metrics_dir)
         print(f"badit-serve: headless: this node's /metrics on {opts.host}:{opts.port}", file=sys.stderr)
     ended = supervise(vllm_server_command(vllm_argv(opts, [*extra, *passthrough], dtype)), os.environ)
@@ -339,7 +331,7 @@ def place_parallel_ranks(
     cores unless the user did (`badit_serve.launch.parallel`). `passthrough`: every vLLM option, the ones
     badit-serve adds included. ValueError naming the problem."""
     layout = ParallelLayout.of(passthrough)
-    eager = _given(passthrough, "--enforce-eager") or _given(passthrough, "--enable-lora")
+    eager = given(passthrough, "--enforce-eager", "--enable-lora")
     problem = executor_problem(layout, ray_device_key) or eager_pipeline_problem(layout, on_cpu, eager)
     if problem is not None:
         raise ValueError(problem)

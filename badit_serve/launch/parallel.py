@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from badit_serve.launch.passthrough import option_value
+
 ENV_THREADS_BIND = "VLLM_CPU_OMP_THREADS_BIND"
 
 SIZE_OPTIONS = {
@@ -31,21 +33,6 @@ SIZE_OPTIONS = {
     "data_local": ("--data-parallel-size-local", "-dpl"),
 }
 EXECUTOR_OPTION = ("--distributed-executor-backend",)
-
-
-def option_value(passthrough: list[str], names: tuple[str, ...]) -> str | None:
-    """The value of the last of `names` in `passthrough` (`--x 2`, `--x=2`, `--x_y 2`), or None."""
-    wanted = {name.replace("_", "-") for name in names}
-    value = None
-    for i, arg in enumerate(passthrough):
-        name, eq, inline = arg.partition("=")
-        if name.replace("_", "-") not in wanted:
-            continue
-        if eq:
-            value = inline
-        elif i + 1 < len(passthrough):
-            value = passthrough[i + 1]
-    return value
 
 
 @dataclass(frozen=True)
@@ -86,7 +73,7 @@ def numa_nodes(root: Path = Path("/sys/devices/system/node")) -> int:
 
 def thread_binding(layout: ParallelLayout, cores: list[int], nodes: int) -> str | None:
     """A VLLM_CPU_OMP_THREADS_BIND value giving each local rank an equal, contiguous share of `cores`
-    ("0|1", "0-3|4-7"), rank order data, pipeline, tensor as vLLM reads it; None with one local rank or a
+    ("0|1", "0,1|2,3"), rank order data, pipeline, tensor as vLLM reads it; None with one local rank or a
     NUMA node per rank (vLLM's own binding then works). ValueError when there are fewer cores than ranks."""
     ranks = layout.local_ranks
     if ranks == 1 or nodes >= ranks:

@@ -200,8 +200,8 @@ class BuiltAdapters:
     """The serving form (`ServedExperts.build`) of each adapter's tensors, made once per tensor object.
 
     vLLM's LoRA manager hands `set_lora` the tensors of its host cache (`LoRAModel`) every time it activates
-    an adapter in a slot; the float64 refactorisation of the default model's 30 layers took 321 ms of each
-    0.54 s activation (profiled, docs/RESULTS.md). The result is kept under the identity of the tensor
+    an adapter in a slot; the float64 refactorisation of the default model's 30 layers took 250 ms of each
+    0.44 s activation (`benchmarks/slot_activation.py`, docs/RESULTS.md). The result is kept under the identity of the tensor
     objects and dropped when vLLM frees them (evicted from host memory): a new tensor at a reused address
     is a new object and is built anew, never matched with another adapter's form. Costs host memory equal
     to the cached adapters' expert tensors."""

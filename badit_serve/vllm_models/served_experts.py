@@ -149,16 +149,19 @@ class ServedExperts(nn.Module):
         never fails on CUDA, where slot changes happen between steps)."""
         self._stale = self.gemm_factory is not TorchGemm
 
-    @property
-    def a_gemm(self) -> Gemm:
+    def _repack_if_stale(self) -> None:
+        """Make the Gemms again if a slot changed since they were made."""
         if self._stale:
             self._pack()
+
+    @property
+    def a_gemm(self) -> Gemm:
+        self._repack_if_stale()
         return self._a_gemm
 
     @property
     def b_gemm(self) -> Gemm:
-        if self._stale:
-            self._pack()
+        self._repack_if_stale()
         return self._b_gemm
 
     @classmethod

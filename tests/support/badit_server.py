@@ -134,3 +134,21 @@ async def stream_chat(
     except httpx.TransportError as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     return result
+
+
+def greedy_completion(
+    url: str, model: str, prompt: list[int], max_tokens: int, api_key: str = API_KEY, **extra: object
+) -> httpx.Response:
+    """POST /v1/completions for the token ids `prompt`: greedy, exactly `max_tokens` tokens (ignore_eos), the
+    generated token ids returned (`return_token_ids`); `extra` fields (logprobs, vllm_xargs, stream) added."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+        **extra,
+    }
+    headers = {"Authorization": f"Bearer {api_key}"}
+    return httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=300)
