@@ -14,7 +14,9 @@ still ran, orphaned: the group check below failed.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -41,8 +43,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.serve]
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 CLIENTS = 16
 MAX_TOKENS = 200
-LONG_TOKENS = 1000  # in flight at the signal: far longer than a shutdown takes to stream; < --max-tokens 1024
-MODEL_LEN = 2048  # the tiny model's max_position_embeddings: room for LONG_TOKENS
+# A long request must still be generating when the signal's abort reaches the engine. 1,000 tokens was not
+# enough: in one full run on 2 cores, seven 1,000-token requests completed before the signal took effect
+# (the API server streams behind the engine there, so the engine can finish a request whose first event
+# the client has only just read). 32,000 tokens take the engine over a minute even at 500 tokens/s per
+# sequence, twice SHUTDOWN_BOUND_S: a long request that completes is then a real fault, not the timing.
+LONG_TOKENS = 32_000
+MODEL_LEN = 32_768  # the served context (the tiny model's max_position_embeddings is raised to it below)
 SHUTDOWN_BOUND_S = 30  # signal -> badit-serve and every process of its group gone (measured: about 3 s)
 STARTUP_TIMEOUT_S = 300
 KILL9_BOUND_S = 15  # SIGKILL of badit-serve -> no process of its group left
@@ -50,7 +57,12 @@ KILL9_BOUND_S = 15  # SIGKILL of badit-serve -> no process of its group left
 
 @pytest.fixture(scope="module")
 def export(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_export(tiny_model_dirs["llama"], tmp_path_factory.mktemp("shutdown") / "export")
+    """The tiny llama with room for LONG_TOKENS (its positions are RoPE: any length is valid), exported."""
+    root = tmp_path_factory.mktemp("shutdown")
+    model_dir = Path(shutil.copytree(tiny_model_dirs["llama"], root / "model"))
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": MODEL_LEN}))
+    return make_export(model_dir, root / "export")
 
 
 @dataclass
@@ -92,7 +104,8 @@ def _kind(r: StreamResult) -> str | None:
 
 
 def _start(export: Path, root: Path) -> ServerProcess:
-    server = launch_badit_serve(export, root, ServeOptions(max_model_len=MODEL_LEN))
+    options = ServeOptions(max_model_len=MODEL_LEN, extra=("--max-tokens", str(MODEL_LEN)))
+    server = launch_badit_serve(export, root, options)
     wait_healthy_or_fail(server)
     return server
 
@@ -170,7 +183,9 @@ def test_signal_under_load_ends_every_stream_cleanly_and_the_process_group_withi
     assert len(warm) >= 2 * CLIENTS and all(_complete(r) for r in warm)
     in_flight = [c.last for c in clients]
     kinds = {kind: [r for r in in_flight if _kind(r) == kind] for kind in ENDINGS}
-    assert sum(map(len, kinds.values())) == CLIENTS, [r for r in in_flight if _kind(r) is None]
+    shutdown_log = "\n".join(line for line in server.log.read_text().splitlines() if "[shutdown]" in line)
+    unexpected = [r for r in in_flight if _kind(r) is None]
+    assert sum(map(len, kinds.values())) == CLIENTS, f"{unexpected}\n{shutdown_log}"
     assert all(r.usage is None or r.usage["completion_tokens"] < LONG_TOKENS for r in in_flight)
     assert kinds["aborted stream"], f"no stream was in flight when the signal arrived: {in_flight}"
     assert all(r.retry_after for r in kinds["503 + Retry-After"])
