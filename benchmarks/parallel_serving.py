@@ -70,12 +70,14 @@ def layer_counts(url: str) -> dict[str, float]:
     return totals
 
 
-def run_load(url: str, chats: list[list[dict]], clients: int, max_tokens: int) -> tuple[int, int, float]:
-    """(completion tokens, routed tokens, seconds) of one load."""
+def run_load(
+    url: str, chats: list[list[dict]], clients: int, max_tokens: int, model: str = "m"
+) -> tuple[int, int, float]:
+    """(completion tokens, routed tokens, seconds) of one load on the served `model`."""
 
     def one(chat: list[dict]) -> tuple[int, int]:
         body = {
-            "model": "m",
+            "model": model,
             "messages": chat,
             "max_tokens": max_tokens,
             "temperature": 0.0,
